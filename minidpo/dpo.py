@@ -254,7 +254,7 @@ class TrainConfig:
     # what to train on
     model: str = ""  # policy and reference: a Hugging Face hub name or a local folder
     gguf_file: str = ""  # a .gguf file inside `model` to load instead (dequantised to fp32)
-    dataset: str = ""  # a JSON-lines file of {"prompt", "chosen", "rejected"} records
+    dataset: str = ""  # preference records: a JSON-lines file here; any load_preferences source via the CLI
     out: str = "out"  # output folder: metrics.jsonl, checkpoint/, final/
     eval_size: int = 64  # records held out (after a seeded shuffle) for evaluation; 0 for none
     skip_invalid: bool = False  # drop bad records, reporting how many and which, instead of stopping
@@ -276,8 +276,8 @@ class TrainConfig:
     warmup_steps: int = 150  # linear warmup from lr/(warmup+1) to lr, then constant
     weight_decay: float = 0.0  # for adamw
     max_grad_norm: float = 10.0  # clip the global gradient norm to this (0: no clipping)
-    epochs: int = 1  # passes over the training records
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    epochs: int = 1  # passes over the training records (when max_steps is 0)
+    max_steps: int = 0  # train for exactly this many optimizer steps, as many epochs as that takes (0: use epochs)
     # bookkeeping
     eval_every: int = 100  # evaluate every N optimizer steps, and at the end (0: only at the end)
     save_every: int = 0  # write the checkpoint every N steps, and at the end (0: only at the end)
@@ -324,7 +324,7 @@ def check_record(record):
     if not isinstance(record, dict):
         raise ValueError(f"is a {type(record).__name__}, not a dict")
     for field in ("prompt", "chosen", "rejected"):
-        if field not in record:
+        if record.get(field) is None:  # datasets fills a field absent from one JSON line with None
             raise ValueError(f"missing field {field!r}")
         _check_text(record[field], field)
     if record["chosen"] == record["rejected"]:
@@ -637,9 +637,7 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
     steps_per_epoch = len(train_examples) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_examples)} training records are fewer than batch_size ({config.batch_size})")
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs  # max_steps wins over epochs
     micro_batch = config.batch_size // (world_size * config.grad_accum)  # pairs per rank per forward
 
     # models: the policy trains, the reference is a frozen copy of where it started
@@ -698,6 +696,8 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
                 print(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
                       f"margin {row['rewards/margin']:.4f}")
 
+    if step == 0 and config.eval_every:
+        run_eval()  # the starting point: loss ln 2, accuracy 1/2, margins 0
     progress = None
     if master and config.progress:
         from tqdm.auto import tqdm

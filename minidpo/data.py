@@ -1,0 +1,240 @@
+"""Preference data: every source becomes the same validated {"prompt", "chosen", "rejected"} records.
+
+The record format is TRL's "standard" preference format; TRL's "conversational" format (lists of
+{"role", "content"} messages) is rendered to text with the tokenizer's chat template. Sources:
+
+    name_or_path                              format   schema
+    Anthropic/hh-rlhf                         hh       chosen, rejected: full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
+    openai/summarize_from_feedback            tldr     info.{post,title,subreddit}, summaries[i].text, choice
+    CarperAI/openai_summarize_comparisons     generic  prompt, chosen, rejected
+    stanfordnlp/SHP                           shp      history, human_ref_A, human_ref_B, labels, score_ratio
+    a .jsonl / .json / .csv / .parquet file   any of the above (detected from the columns, or format=...)
+    a local folder or any other hub name      any of the above
+
+Hub names go through datasets.load_dataset(name); local files through
+load_dataset("json" | "csv" | "parquet", data_files=path): the same code path either way.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from .dpo import check_record
+
+HUB_FORMATS = {
+    "Anthropic/hh-rlhf": "hh",
+    "openai/summarize_from_feedback": "tldr",
+    "CarperAI/openai_summarize_comparisons": "generic",
+    "stanfordnlp/SHP": "shp",
+}
+HUB_CONFIGS = {"openai/summarize_from_feedback": "comparisons"}
+FORMATS = ("generic", "hh", "tldr", "shp")
+ASSISTANT = "\n\nAssistant:"
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# ---- the sources ---------------------------------------------------------------------------------
+
+def split_hh(chosen_transcript, rejected_transcript):
+    """Anthropic HH: (prompt, chosen, rejected) from two full transcripts. The prompt is everything up
+    to and including the last "\\n\\nAssistant:" (all earlier turns are context); the responses are
+    what follows, leading space kept. Both transcripts must share that prompt: ValueError otherwise."""
+    parts = []
+    for field, transcript in (("chosen", chosen_transcript), ("rejected", rejected_transcript)):
+        if not isinstance(transcript, str):
+            raise ValueError(f"{field!r} must be a string, got {type(transcript).__name__}")
+        cut = transcript.rfind(ASSISTANT)
+        if cut < 0:
+            raise ValueError(f"{field!r} has no {ASSISTANT!r} turn: the whole transcript would be the prompt")
+        cut += len(ASSISTANT)
+        parts.append((transcript[:cut], transcript[cut:]))
+    (prompt, chosen), (other_prompt, rejected) = parts
+    if prompt != other_prompt:
+        raise ValueError("'chosen' and 'rejected' transcripts diverge before the last Assistant turn")
+    return prompt, chosen, rejected
+
+
+def tldr_prompt(subreddit, title, post):
+    """The paper's TL;DR prompt (the format of Stiennon et al. 2020)."""
+    return f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+
+
+def _from_tldr(row):
+    info, summaries, choice = row["info"], row["summaries"], row["choice"]
+    if choice not in (0, 1) or len(summaries) != 2:
+        raise ValueError(f"'choice' must be 0 or 1 over two summaries, got {choice!r}")
+    post = info.get("post") or info.get("article")  # the CNN/DM rows of the validation split have 'article'
+    prompt = tldr_prompt(info.get("subreddit") or "", info.get("title") or "", (post or "").strip())
+    text = lambda i: " " + summaries[i]["text"].strip()  # noqa: E731  a space after "TL;DR:"
+    return {"prompt": prompt, "chosen": text(choice), "rejected": text(1 - choice)}
+
+
+def _from_shp(row):
+    # labels == 1: human_ref_A was preferred (it has the higher score).
+    a, b = row["human_ref_A"], row["human_ref_B"]
+    chosen, rejected = (a, b) if row["labels"] == 1 else (b, a)
+    return {"prompt": f"\n\nHuman: {row['history']}{ASSISTANT}", "chosen": " " + chosen, "rejected": " " + rejected}
+
+
+def _from_hh(row):
+    prompt, chosen, rejected = split_hh(row["chosen"], row["rejected"])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _is_messages(value):
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def render_conversational(row, tokenizer):
+    """TRL's conversational format -> text with the tokenizer's chat template. The prompt is rendered
+    with the generation prompt (e.g. "<|im_start|>assistant\\n"); each response is the rest of the
+    rendered full conversation. A row with no 'prompt' (implicit prompt) takes the messages shared
+    by chosen and rejected as its prompt."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    prompt = row.get("prompt")
+    if prompt is None:
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational records need a tokenizer with a chat template")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    out = {"prompt": prompt_text}
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        full = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError(f"the chat template does not extend the prompt for {field!r}")
+        out[field] = full[len(prompt_text):]
+    return out
+
+
+def _from_generic(row, prompt_column, chosen_column, rejected_column, tokenizer):
+    for column in (chosen_column, rejected_column):
+        if row.get(column) is None:
+            raise ValueError(f"missing field {column!r}")
+    chosen, rejected = row[chosen_column], row[rejected_column]
+    if _is_messages(chosen):
+        conversation = {"chosen": chosen, "rejected": rejected}
+        if row.get(prompt_column) is not None:
+            conversation["prompt"] = row[prompt_column]
+        return render_conversational(conversation, tokenizer)
+    if row.get(prompt_column) is None:
+        raise ValueError(f"missing field {prompt_column!r}")
+    return {"prompt": row[prompt_column], "chosen": chosen, "rejected": rejected}
+
+
+def detect_format(columns):
+    columns = set(columns)
+    if {"info", "summaries", "choice"} <= columns:
+        return "tldr"
+    if {"history", "human_ref_A", "human_ref_B", "labels"} <= columns:
+        return "shp"
+    if {"chosen", "rejected"} <= columns and "prompt" not in columns:
+        return "hh"
+    return "generic"
+
+
+def _load_raw(name_or_path, split, config_name=None, data_files=None, **load_kwargs):
+    """datasets.load_dataset for a hub name, a local folder, or a local file (by its extension)."""
+    from datasets import load_dataset
+    if data_files is not None or os.path.isfile(name_or_path):
+        files = data_files if data_files is not None else name_or_path
+        first = files if isinstance(files, str) else next(iter(files.values() if isinstance(files, dict) else files))
+        ext = os.path.splitext(first)[1].lower()
+        if ext not in _FILE_BUILDERS:
+            raise ValueError(f"{first}: unknown file type {ext!r}; expected one of {sorted(_FILE_BUILDERS)}")
+        # A single local file is the "train" split whatever the requested split is called.
+        return load_dataset(_FILE_BUILDERS[ext], data_files=files, split="train", **load_kwargs)
+    return load_dataset(name_or_path, config_name or HUB_CONFIGS.get(name_or_path), split=split, **load_kwargs)
+
+
+def load_preferences(name_or_path, split="train", format=None, *, config_name=None, data_files=None,
+                     prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
+                     tokenizer=None, min_score_ratio=None, skip_invalid=False, **load_kwargs):
+    """Any preference source -> a datasets.Dataset with string columns prompt, chosen, rejected.
+
+    format: generic | hh | tldr | shp; by default known hub names map to theirs and files are
+    detected from their columns. The *_column options rename a generic source's columns.
+    tokenizer: needed for conversational (message-list) records, to apply its chat template.
+    min_score_ratio: SHP only, keep pairs whose preferred score is at least this multiple of the
+    other's (the SHP authors suggest 2). Every record is validated (validate_preferences): a bad one
+    is an error naming it, unless skip_invalid, which drops and reports them.
+    """
+    from datasets import Dataset
+    raw = _load_raw(name_or_path, split, config_name=config_name, data_files=data_files, **load_kwargs)
+    if format is None:
+        format = HUB_FORMATS.get(name_or_path) or detect_format(raw.column_names)
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    if format == "shp" and min_score_ratio is not None:
+        raw = raw.filter(lambda row: row["score_ratio"] >= min_score_ratio)
+    convert = {"hh": _from_hh, "tldr": _from_tldr, "shp": _from_shp}.get(format)
+
+    if convert is None:
+        convert = lambda row: _from_generic(row, prompt_column, chosen_column, rejected_column, tokenizer)  # noqa: E731
+
+    records, errors = [], []
+    for i, row in enumerate(raw):
+        try:
+            record = convert(row)
+            check_record(record)
+            records.append(record)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            errors.append((i, f"record {i}: {e}"))
+    _report(errors, len(raw), skip_invalid, source=name_or_path)
+    return Dataset.from_dict({k: [r[k] for r in records] for k in ("prompt", "chosen", "rejected")})
+
+
+def _report(errors, total, skip_invalid, source=""):
+    if not errors:
+        return
+    where = f"{source}: " if source else ""
+    listing = "\n  ".join(msg for _, msg in errors[:20]) + ("\n  ..." if len(errors) > 20 else "")
+    if not skip_invalid:
+        raise ValueError(f"{where}{len(errors)} of {total} records are invalid "
+                         f"(pass --skip_invalid to drop them):\n  {listing}")
+    print(f"{where}skipped {len(errors)} of {total} invalid records:\n  {listing}")
+
+
+def validate_preferences(records, skip_invalid=False):
+    """Check every {"prompt", "chosen", "rejected"} record: missing field, non-string, empty or
+    whitespace-only text, chosen == rejected. Raises ValueError naming each bad record's index and
+    field; with skip_invalid returns only the valid records (and prints how many were dropped)."""
+    valid, errors = [], []
+    for i, record in enumerate(records):
+        try:
+            check_record(record)
+            valid.append(record)
+        except ValueError as e:
+            errors.append((i, f"record {i}: {e}"))
+    _report(errors, len(records), skip_invalid)
+    return valid
+
+
+# ---- IMDb prompts for the sentiment experiment ---------------------------------------------------
+
+def imdb_prefixes(texts, tokenizer, min_tokens=2, max_tokens=8, seed=0):
+    """One review prefix per text, of min_tokens..max_tokens tokens (the paper's prompts), the length
+    drawn uniformly with a seeded generator (a text shorter than min_tokens is its own prefix)."""
+    rng = random.Random(seed)
+    prefixes = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = rng.randint(min_tokens, max(min_tokens, min(max_tokens, len(ids))))
+        prefixes.append(tokenizer.decode(ids[:n]))
+    return prefixes
+
+
+def load_imdb(name_or_path="stanfordnlp/imdb", split="train", tokenizer=None, min_tokens=2, max_tokens=8,
+              seed=0, **load_kwargs):
+    """IMDb (schema: text, label) -> a Dataset with 'text' (the review, for SFT; HTML line breaks
+    made spaces), 'label', and, given a tokenizer, 'prompt' (a 2-8 token prefix of the review)."""
+    from datasets import Dataset
+    raw = _load_raw(name_or_path, split, **load_kwargs)
+    texts = [t.replace("<br />", " ").strip() for t in raw["text"]]
+    columns = {"text": texts, "label": list(raw["label"])}
+    if tokenizer is not None:
+        columns["prompt"] = imdb_prefixes(texts, tokenizer, min_tokens, max_tokens, seed)
+    return Dataset.from_dict(columns)
