@@ -19,10 +19,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "data", "preferences.jsonl")
 
 # The offline default: sized so that the implicit-reward accuracy and margin visibly rise within a
-# few minutes on 2 CPU cores. The paper's lr 1e-6 with RMSprop barely moves in 40 steps, so this
+# few minutes on 2 CPU cores. The paper's lr 1e-6 with RMSprop barely moves in 30 steps, so this
 # demo uses AdamW at 5e-6; any flag given on the command line overrides these.
 LAPTOP_DEFAULTS = dict(dataset=DEFAULT_DATA, out="out/default", batch_size=8, optimizer="adamw", lr=5e-6,
-                       warmup_steps=4, max_steps=40, eval_every=10, eval_size=32, max_length=160,
+                       warmup_steps=4, max_steps=30, eval_every=10, eval_size=32, max_length=160,
                        max_prompt_length=96, precompute_ref=True)
 
 

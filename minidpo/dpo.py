@@ -40,13 +40,12 @@ IGNORE_INDEX = -100  # label of positions that are not predictions: prompt token
 # 1. log pi(y|x): the sum of the response tokens' log-probabilities
 # --------------------------------------------------------------------------------------------------
 
-def sequence_logps(logits, labels, average=False):
-    """log pi(y|x) of each sequence in a batch: the sum over response tokens (the paper's choice).
+def token_logps(logits, labels):
+    """log pi(y_t | x, y_<t) of every label token, and which positions are response tokens.
 
     logits: (B, T, V) from a causal LM on the full prompt + response sequence.
     labels: (B, T) the same token ids, with IGNORE_INDEX on prompt and padding positions.
-    average: the per-token mean instead of the sum (changes the effective beta with length).
-    Returns (B,).
+    Returns (token_logps, mask), each (B, T-1); token_logps is 0 where mask is False.
     """
     # Off by one: the logits at position t predict the token at position t + 1.
     logits = logits[:, :-1, :]  # (B, T-1, V)
@@ -54,10 +53,20 @@ def sequence_logps(logits, labels, average=False):
     mask = labels != IGNORE_INDEX  # (B, T-1) prompt tokens are conditioning, not predictions
     safe_labels = labels.masked_fill(~mask, 0)  # any valid index; these positions are dropped
     # log softmax(z)_y = z_y - logsumexp(z), without materialising a second (B, T-1, V) tensor.
-    token_logps = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    logps = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     # where, not multiply: a fully masked padding row may hold NaN logits, and NaN * 0 = NaN.
-    token_logps = torch.where(mask, token_logps, torch.zeros_like(token_logps))  # (B, T-1)
-    total = token_logps.sum(-1)  # (B,)
+    return torch.where(mask, logps, torch.zeros_like(logps)), mask
+
+
+def sequence_logps(logits, labels, average=False):
+    """log pi(y|x) of each sequence in a batch: the sum over response tokens (the paper's choice).
+
+    logits: (B, T, V); labels: (B, T) with IGNORE_INDEX on prompt and padding positions.
+    average: the per-token mean instead of the sum (changes the effective beta with length).
+    Returns (B,).
+    """
+    logps, mask = token_logps(logits, labels)  # (B, T-1), (B, T-1)
+    total = logps.sum(-1)  # (B,)
     if average:
         return total / mask.sum(-1).clamp(min=1)
     return total

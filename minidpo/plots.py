@@ -19,16 +19,16 @@ def plot_training(out, filename="training.png"):
 
     rows = read_metrics(os.path.join(out, "metrics.jsonl"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for split, style in (("train", "-"), ("eval", "o-")):
+    colors = {"loss": "C0", "rewards/chosen": "C2", "rewards/rejected": "C3", "rewards/margin": "C0",
+              "rewards/accuracy": "C0"}
+    panels = ((0, ("loss",)), (1, ("rewards/chosen", "rewards/rejected", "rewards/margin")), (2, ("rewards/accuracy",)))
+    for split, style in (("train", dict(lw=1, alpha=0.6)), ("eval", dict(marker="o", lw=2))):
         part = [r for r in rows if r["split"] == split]
-        if not part:
-            continue
         steps = [r["step"] for r in part]
-        axes[0].plot(steps, [r["loss"] for r in part], style, label=split)
-        axes[1].plot(steps, [r["rewards/chosen"] for r in part], style, label=f"chosen ({split})")
-        axes[1].plot(steps, [r["rewards/rejected"] for r in part], style, label=f"rejected ({split})")
-        axes[1].plot(steps, [r["rewards/margin"] for r in part], style, label=f"margin ({split})")
-        axes[2].plot(steps, [r["rewards/accuracy"] for r in part], style, label=split)
+        for i, keys in panels:
+            for key in keys:
+                name = key.split("/")[-1]
+                axes[i].plot(steps, [r[key] for r in part], color=colors[key], label=f"{name} ({split})", **style)
     axes[0].axhline(0.6931, color="grey", lw=0.8, ls=":", label="ln 2 (policy = reference)")
     titles = ("DPO loss (Eq. 7)", "implicit rewards  β log π/π_ref", "reward accuracy (chosen > rejected)")
     ylabels = ("loss (nats)", "reward (nats × β)", "fraction of pairs")
