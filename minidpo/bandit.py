@@ -153,3 +153,19 @@ def train_policy(method, bandit, counts, beta=0.1, steps=1500, lr=0.05, record_e
         loss.backward()
         optimizer.step()
     return logits.detach().log_softmax(-1), history
+
+
+def frontier_at_kl(ref_logps, reward, target_kl, iters=60):
+    """The best mean reward any policy reaches at mean KL(pi || pi_ref) = target_kl: the optimum of
+    Eq. 4 for the beta that has that KL, found by bisection on log beta (KL falls as beta grows).
+    Returns (beta, reward)."""
+    lo, hi = -12.0, 12.0  # log beta
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        pi = optimal_policy(ref_logps, reward, float(torch.tensor(mid).exp()))
+        if kl(pi, ref_logps).mean() > target_kl:
+            lo = mid
+        else:
+            hi = mid
+    beta = float(torch.tensor((lo + hi) / 2).exp())
+    return beta, expected_reward(optimal_policy(ref_logps, reward, beta), reward).mean().item()

@@ -72,3 +72,10 @@ def test_unlikelihood_and_preferred_ft_by_hand():
     expected = -math.log(0.5) - 0.5 * (math.log(0.8) + math.log(0.1))
     assert unlikelihood_loss(chosen, rejected_tokens, mask, alpha=0.5).item() == pytest.approx(expected)
     assert preferred_ft_loss(chosen).item() == pytest.approx(math.log(2))
+
+
+def test_frontier_at_kl_inverts_the_kl_of_the_optimum(problem):
+    star = bd.optimal_policy(problem.ref_logps, problem.reward, 0.7)
+    beta, best = bd.frontier_at_kl(problem.ref_logps, problem.reward, bd.kl(star, problem.ref_logps).mean().item())
+    assert beta == pytest.approx(0.7, rel=1e-6)
+    assert best == pytest.approx(bd.expected_reward(star, problem.reward).mean().item())

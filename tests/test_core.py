@@ -318,9 +318,10 @@ def test_core_imports_only_torch_transformers_and_the_standard_library():
 def test_core_copied_alone_computes_a_loss_and_a_step(tmp_path):
     shutil.copy(core_path(), tmp_path / "dpo.py")
     script = """
-import importlib.util, torch
-assert importlib.util.find_spec("minidpo") is None, "minidpo must not be importable here"
+import os, sys, torch
+sys.modules["minidpo"] = None  # any import of the package from dpo.py now fails: it must stand alone
 import dpo
+assert os.path.dirname(os.path.abspath(dpo.__file__)) == os.getcwd()  # the copy, not the package's file
 from transformers import GPT2Config, GPT2LMHeadModel
 torch.manual_seed(0)
 policy = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_layer=1, n_head=1, n_embd=16, n_positions=32))
