@@ -247,9 +247,14 @@ def concatenated_forward(model, batch, average=False):
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])  # (2B, T)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
+    # The output projection (lm_head) is most of a small model's FLOPs: apply it only from the
+    # position before the earliest response token on, since earlier logits predict prompt tokens.
+    is_response = labels != IGNORE_INDEX  # (2B, T)
+    start = max(int(is_response.to(torch.uint8).argmax(-1).min()) - 1, 0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits  # (2B, T, V)
-    logps = sequence_logps(logits.float(), labels, average=average)  # (2B,)
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                   logits_to_keep=labels.shape[1] - start).logits  # (2B, T - start, V)
+    logps = sequence_logps(logits.float(), labels[:, start:], average=average)  # (2B,)
     B = batch["chosen_input_ids"].shape[0]
     return logps[:B], logps[B:]
 
@@ -701,16 +706,17 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
             row.update(evaluate(policy, reference, eval_examples, config, pad, device, rank, world_size,
                                 micro_batch, eval_ref, autocast))
             log(row)
-            if master and not config.progress:
-                print(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
-                      f"margin {row['rewards/margin']:.4f}")
+            if master:
+                say = progress.write if progress is not None else print
+                say(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
+                    f"margin {row['rewards/margin']:.4f}")
 
-    if step == 0 and config.eval_every:
-        run_eval()  # the starting point: loss ln 2, accuracy 1/2, margins 0
     progress = None
     if master and config.progress:
         from tqdm.auto import tqdm
         progress = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
+    if step == 0 and config.eval_every:
+        run_eval()  # the starting point: loss ln 2, accuracy 1/2, margins 0
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         global_batch = batch_order(len(train_examples), config.batch_size, config.seed, epoch)[position]
@@ -747,9 +753,9 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
             run_eval()
         if master and config.save_every and step % config.save_every == 0 and step < total_steps:
             save_checkpoint(out, policy, tokenizer, optimizer, scheduler, step)
+    run_eval()
     if progress is not None:
         progress.close()
-    run_eval()
     if master:
         save_checkpoint(out, policy, tokenizer, optimizer, scheduler, step)
         atomic_save_dir(os.path.join(out, "final"),
