@@ -22,17 +22,77 @@ def log1mexp(logp):
     return torch.where(logp > -0.6931, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
 
 
-def unlikelihood_loss(policy_chosen_logps, rejected_token_logps, rejected_mask=None, alpha=1.0):
+def unlikelihood_loss(policy_chosen_logps, rejected_token_logps, rejected_mask=None, alpha=1.0, average=False):
     """-log pi(y_w|x) - alpha * sum_t log(1 - pi(y_l,t | ...)).
 
-    policy_chosen_logps: (B,) summed log-probs of the chosen responses.
+    policy_chosen_logps: (B,) log-probs of the chosen responses (summed, or per-token means).
     rejected_token_logps: (B, T) per-token log-probs of the rejected responses (token_logps in dpo.py),
     or (B,) when each response is a single token (a bandit). rejected_mask: (B, T), True on response
-    tokens. Returns (B,).
+    tokens. average: the unlikelihood term as a mean over the rejected tokens instead of a sum.
+    Returns (B,).
     """
     unlikely = log1mexp(rejected_token_logps)
     if rejected_mask is not None:
         unlikely = torch.where(rejected_mask, unlikely, torch.zeros_like(unlikely))
     if unlikely.dim() > 1:
-        unlikely = unlikely.sum(-1)
+        count = rejected_mask.sum(-1) if rejected_mask is not None else unlikely.shape[-1]
+        unlikely = unlikely.sum(-1) / count if average else unlikely.sum(-1)
     return -policy_chosen_logps - alpha * unlikely
+
+
+# ---- training a language model with them ----------------------------------------------------------
+
+def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1e-5, alpha=1.0, max_length=512,
+                   max_prompt_length=256, seed=0, callback=None, max_grad_norm=1.0):
+    """Train `policy` in place on preference records with Preferred-FT (method "preferred_ft": SFT on
+    the chosen responses) or Unlikelihood (method "unlikelihood"). Both use per-token means here, so
+    that alpha weighs the two terms independently of length:
+        preferred_ft   -mean_t log pi(y_w,t | x, y_w,<t)
+        unlikelihood   -mean_t log pi(y_w,t | ...) - alpha mean_t log(1 - pi(y_l,t | ...))
+    Batches are seeded draws without replacement, cycling over the records. callback(step, policy)
+    runs before the first step and after each. Returns the per-step losses."""
+    from .dpo import collate, position_ids_from_mask, token_logps, tokenize_pair
+
+    if method not in ("preferred_ft", "unlikelihood"):
+        raise ValueError(f"unknown baseline {method!r}")
+    device = next(policy.parameters()).device
+    examples = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length, max_prompt_length)
+                for r in records]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    order, losses = [], []
+    if callback is not None:
+        callback(0, policy)
+    policy.train()
+    for step in range(1, steps + 1):
+        if len(order) < batch_size:
+            order += torch.randperm(len(examples), generator=generator).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
+        per_kind = {}
+        for kind in ("chosen", "rejected") if method == "unlikelihood" else ("chosen",):
+            mask = batch[f"{kind}_attention_mask"]
+            logits = policy(input_ids=batch[f"{kind}_input_ids"], attention_mask=mask,
+                            position_ids=position_ids_from_mask(mask)).logits.float()
+            per_kind[kind] = token_logps(logits, batch[f"{kind}_labels"])  # (B, T-1) and its mask
+        logps, mask = per_kind["chosen"]
+        chosen_mean = logps.sum(-1) / mask.sum(-1)  # (B,) per-token mean log pi(y_w)
+        if method == "preferred_ft":
+            loss = preferred_ft_loss(chosen_mean).mean()
+        else:
+            loss = unlikelihood_loss(chosen_mean, *per_kind["rejected"], alpha=alpha, average=True).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        if callback is not None:
+            callback(step, policy)
+    return losses
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n || pi_ref) for a continuous reward: log n - (n - 1) / n (Stiennon et al. 2020)."""
+    import math
+    return math.log(n) - (n - 1) / n

@@ -278,6 +278,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cDPO: probability that a preference label is flipped, in [0, 0.5)
     reference_free: bool = False  # take log pi_ref = 0 (no reference model at all)
     average_log_prob: bool = False  # per-token mean log-prob instead of the paper's sum
+    rpo_alpha: float = 0.0  # weight of an added NLL of the chosen response (per-token mean); 0 is plain DPO
     # tokens
     max_length: int = 512  # longest prompt + response, in tokens
     max_prompt_length: int = 256  # prompt tokens kept (from the end) when a pair is too long
@@ -460,17 +461,33 @@ def move(batch, device):
 def precompute_reference_logps(reference, examples, pad_token_id, device, batch_size, rank=0, world_size=1,
                                average=False, padding_side="right", autocast=contextlib.nullcontext):
     """log pi_ref(y_w|x), log pi_ref(y_l|x) of every example, computed once: (N,), (N,).
-    Each rank scores every world_size-th example; a sum over ranks fills in the rest."""
-    logps = torch.zeros(2, len(examples), dtype=torch.float32, device=device)
-    mine = list(range(rank, len(examples), world_size))
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start:start + batch_size]
-        batch = move(collate([examples[i] for i in idx], pad_token_id, padding_side), device)
+    A sequence shared by several pairs (several pairs per prompt, as in the paper's IMDb data) is
+    scored once. Each rank scores every world_size-th distinct sequence; a sum over ranks fills in the rest."""
+    distinct = {}  # (input_ids, labels) -> position among the distinct sequences
+    where = []  # for each example, the positions of its chosen and rejected sequences
+    for ex in examples:
+        keys = [(tuple(ex[f"{k}_input_ids"]), tuple(ex[f"{k}_labels"])) for k in ("chosen", "rejected")]
+        where.append([distinct.setdefault(key, len(distinct)) for key in keys])
+    sequences = list(distinct)
+    logps = torch.zeros(len(sequences), dtype=torch.float32, device=device)
+    mine = list(range(rank, len(sequences), world_size))
+    for start in range(0, len(mine), 2 * batch_size):
+        # Distinct sequences, two by two, stand in for (chosen, rejected): the training forward.
+        idx = mine[start:start + 2 * batch_size]
+        firsts, seconds = idx[0::2], idx[1::2]
+        if len(seconds) < len(firsts):
+            seconds.append(firsts[-1])  # an odd count: the last sequence fills both places
+        as_pairs = [{"chosen_input_ids": list(sequences[a][0]), "chosen_labels": list(sequences[a][1]),
+                     "rejected_input_ids": list(sequences[b][0]), "rejected_labels": list(sequences[b][1])}
+                    for a, b in zip(firsts, seconds)]
+        batch = move(collate(as_pairs, pad_token_id, padding_side), device)
         with autocast():
             chosen, rejected = concatenated_forward(reference, batch, average=average)
-        logps[0, idx], logps[1, idx] = chosen.float(), rejected.float()
+        logps[seconds] = rejected.float()
+        logps[firsts] = chosen.float()
     all_reduce_sum(logps, world_size)
-    return logps[0], logps[1]
+    where = torch.tensor(where, device=device)  # (N, 2)
+    return logps[where[:, 0]], logps[where[:, 1]]
 
 
 def dpo_batch_loss(policy, reference, batch, config, reference_logps=None):
@@ -490,7 +507,13 @@ def dpo_batch_loss(policy, reference, batch, config, reference_logps=None):
         beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
         reference_free=config.reference_free)
     stats = preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
-    return losses.mean(), stats
+    loss = losses.mean()
+    if config.rpo_alpha:
+        # -log pi(y_w|x) per token: keeps the chosen log-prob from falling while the margin grows.
+        n_tokens = (batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (B,)
+        chosen_mean = policy_chosen if config.average_log_prob else policy_chosen / n_tokens  # (B,)
+        loss = loss - config.rpo_alpha * chosen_mean.mean()
+    return loss, stats
 
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
@@ -611,10 +634,12 @@ def split_records(records, eval_size, seed):
     return [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
 
 
-def train(config, train_records=None, eval_records=None, model=None, tokenizer=None):
+def train(config, train_records=None, eval_records=None, model=None, tokenizer=None, callback=None):
     """Train a policy with DPO. Records are {"prompt", "chosen", "rejected"} dicts; if not given they
     are read from config.dataset (JSON lines) and config.eval_size of them are held out. The model
-    and tokenizer are loaded from config.model unless given. Writes <out>/metrics.jsonl,
+    and tokenizer are loaded from config.model unless given (only its parameters with requires_grad
+    are trained). callback(step, policy), if given, runs on the master rank before the first step and
+    after every optimizer step (e.g. to sample from the policy). Writes <out>/metrics.jsonl,
     <out>/checkpoint/ and <out>/final/. Returns the metric rows this call logged."""
     rank, world_size, device = setup_distributed()
     master = rank == 0
@@ -717,6 +742,8 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
         progress = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
     if step == 0 and config.eval_every:
         run_eval()  # the starting point: loss ln 2, accuracy 1/2, margins 0
+    if master and callback is not None and step == 0:
+        callback(step, policy)
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         global_batch = batch_order(len(train_examples), config.batch_size, config.seed, epoch)[position]
@@ -753,6 +780,8 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
             run_eval()
         if master and config.save_every and step % config.save_every == 0 and step < total_steps:
             save_checkpoint(out, policy, tokenizer, optimizer, scheduler, step)
+        if master and callback is not None:
+            callback(step, policy)
     run_eval()
     if progress is not None:
         progress.close()

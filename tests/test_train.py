@@ -279,3 +279,37 @@ def test_ddp_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, toy_file,
     update = norm({k: w1[k] - init[k] for k in w1})
     assert update > 1e-2  # the weights did move
     assert norm({k: w2[k] - w1[k] for k in w1}) <= 1e-4 * update
+
+
+def test_precompute_scores_each_distinct_sequence_once_and_exactly(tokenizer, monkeypatch):
+    # 3 prompts x 3 completions -> 3 pairs per prompt sharing completions: 9 distinct sequences, not 18.
+    records = [{"prompt": f"p{i}:", "chosen": f" c{i}{a}", "rejected": f" c{i}{b}"}
+               for i in range(3) for a, b in ((0, 1), (0, 2), (1, 2))]
+    examples, _ = minidpo.tokenize_records(tokenizer, records)
+    model = dpo.frozen_copy(tiny_gpt2())
+    scored = []
+    real = dpo.concatenated_forward
+
+    def counting(m, batch, average=False):
+        scored.append(2 * batch["chosen_input_ids"].shape[0])
+        return real(m, batch, average=average)
+
+    monkeypatch.setattr(dpo, "concatenated_forward", counting)
+    chosen, rejected = dpo.precompute_reference_logps(model, examples, tokenizer.pad_token_id, "cpu", batch_size=2)
+    assert sum(scored) == 10  # 9 distinct sequences, the odd one out scored twice in its pair
+    with torch.no_grad():
+        for i, ex in enumerate(examples):
+            for kind, got in (("chosen", chosen[i]), ("rejected", rejected[i])):
+                ids, labels = torch.tensor([ex[f"{kind}_input_ids"]]), torch.tensor([ex[f"{kind}_labels"]])
+                expected = minidpo.sequence_logps(model(ids).logits, labels)[0]
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rpo_alpha_adds_the_chosen_nll(tmp_path, tokenizer):
+    policy = tiny_gpt2()
+    batch = minidpo.collate([minidpo.tokenize_pair(tokenizer, "q:", " yes!", " no")], tokenizer.pad_token_id)
+    plain, _ = dpo.dpo_batch_loss(policy, dpo.frozen_copy(policy), batch, config(tmp_path))
+    with_nll, _ = dpo.dpo_batch_loss(policy, dpo.frozen_copy(policy), batch, config(tmp_path, rpo_alpha=0.5))
+    logps, mask = minidpo.dpo.token_logps(policy(batch["chosen_input_ids"]).logits, batch["chosen_labels"])
+    nll = -(logps.sum() / mask.sum())  # per-token mean over " yes!" + EOS
+    torch.testing.assert_close(with_nll, plain + 0.5 * nll)
