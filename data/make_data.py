@@ -201,24 +201,30 @@ def make_tldr(rng, n=240):
     write_jsonl("tldr.jsonl", rows)
 
 
-OPENINGS = ["This movie", "This film", "I watched this", "The acting in this", "The plot of this film",
-            "I rented this movie", "My wife and I saw", "This is one of the", "I went to see this",
-            "The director of this", "When I first saw this", "I have to say that", "The story",
-            "Honestly, this", "The soundtrack", "I expected", "After reading the reviews", "The cast",
-            "From the opening scene", "This sequel", "As a fan of the book", "The special effects",
-            "I really wanted to like", "Watching this film", "The first half hour", "This documentary",
-            "The ending of this movie", "The characters", "It's been years since", "The trailer"]
+SUBJECTS = ["This movie", "This film", "The acting in this movie", "The plot", "The story", "The soundtrack",
+            "The cast", "The characters", "The ending of this movie", "This sequel", "The special effects",
+            "The first half hour", "The director", "This documentary", "The script", "The dialogue",
+            "The camera work", "This remake", "The lead actress", "The villain"]
+VERBS = ["", "was", "is", "really", "made me", "turned out to be", "left me", "felt", "seemed", "was so"]
+OPENINGS = ["I watched this", "I rented this movie", "My wife and I saw", "I went to see this", "When I first saw this",
+            "I have to say that", "Honestly, this", "I expected", "After reading the reviews", "From the opening scene",
+            "As a fan of the book,", "I really wanted to like", "Watching this film", "It's been years since",
+            "I saw this movie", "Last night I watched"]
 
 
-def make_imdb_prefixes():
-    """Movie-review openings of 2-8 words: the offline prompts of the sentiment experiment."""
+def make_imdb_prefixes(rng, n=240):
+    """Movie-review openings of 2-8 words (a subject and maybe a verb, or a first-person opening): the
+    offline prompts of the sentiment experiment. Neutral on purpose: the sentiment is the completion's."""
+    combos = sorted(c for c in {f"{o} {v}".strip() for o in SUBJECTS for v in VERBS} | set(OPENINGS)
+                    if len(c.split()) <= 8)
+    rng.shuffle(combos)
     with open(os.path.join(HERE, "imdb_prefixes.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(OPENINGS) + "\n")
+        f.write("\n".join(combos[:n]) + "\n")
 
 
 if __name__ == "__main__":
     make_preferences(random.Random(0))
     make_hh(random.Random(1))
     make_tldr(random.Random(2))
-    make_imdb_prefixes()
-    print("wrote", sorted(n for n in os.listdir(HERE) if not n.endswith(".py")))
+    make_imdb_prefixes(random.Random(3))
+    print("wrote", sorted(n for n in os.listdir(HERE) if n.endswith((".jsonl", ".txt"))))

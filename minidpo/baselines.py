@@ -43,53 +43,38 @@ def unlikelihood_loss(policy_chosen_logps, rejected_token_logps, rejected_mask=N
 # ---- training a language model with them ----------------------------------------------------------
 
 def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1e-5, alpha=1.0, max_length=512,
-                   max_prompt_length=256, seed=0, callback=None, max_grad_norm=1.0):
+                   max_prompt_length=256, seed=0, callback=None):
     """Train `policy` in place on preference records with Preferred-FT (method "preferred_ft": SFT on
-    the chosen responses) or Unlikelihood (method "unlikelihood"). Both use per-token means here, so
-    that alpha weighs the two terms independently of length:
+    the chosen responses) or Unlikelihood (method "unlikelihood"). Both use per-token means, so that
+    alpha weighs the two terms independently of length:
         preferred_ft   -mean_t log pi(y_w,t | x, y_w,<t)
         unlikelihood   -mean_t log pi(y_w,t | ...) - alpha mean_t log(1 - pi(y_l,t | ...))
-    Batches are seeded draws without replacement, cycling over the records. callback(step, policy)
-    runs before the first step and after each. Returns the per-step losses."""
+    callback(step, policy) runs before the first step and after each. Returns the per-step losses."""
     from .dpo import collate, position_ids_from_mask, token_logps, tokenize_pair
+    from .sft import fit, sft_train
 
-    if method not in ("preferred_ft", "unlikelihood"):
+    if method == "preferred_ft":
+        return sft_train(policy, tokenizer, [{"prompt": r["prompt"], "response": r["chosen"]} for r in records],
+                         steps, batch_size, lr, max_length, seed=seed, callback=callback)
+    if method != "unlikelihood":
         raise ValueError(f"unknown baseline {method!r}")
     device = next(policy.parameters()).device
     examples = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length, max_prompt_length)
                 for r in records]
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    order, losses = [], []
-    if callback is not None:
-        callback(0, policy)
-    policy.train()
-    for step in range(1, steps + 1):
-        if len(order) < batch_size:
-            order += torch.randperm(len(examples), generator=generator).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
+
+    def step_loss(idx):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
         per_kind = {}
-        for kind in ("chosen", "rejected") if method == "unlikelihood" else ("chosen",):
+        for kind in ("chosen", "rejected"):
             mask = batch[f"{kind}_attention_mask"]
             logits = policy(input_ids=batch[f"{kind}_input_ids"], attention_mask=mask,
                             position_ids=position_ids_from_mask(mask)).logits.float()
             per_kind[kind] = token_logps(logits, batch[f"{kind}_labels"])  # (B, T-1) and its mask
         logps, mask = per_kind["chosen"]
         chosen_mean = logps.sum(-1) / mask.sum(-1)  # (B,) per-token mean log pi(y_w)
-        if method == "preferred_ft":
-            loss = preferred_ft_loss(chosen_mean).mean()
-        else:
-            loss = unlikelihood_loss(chosen_mean, *per_kind["rejected"], alpha=alpha, average=True).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        losses.append(loss.item())
-        if callback is not None:
-            callback(step, policy)
-    return losses
+        return unlikelihood_loss(chosen_mean, *per_kind["rejected"], alpha=alpha, average=True).mean()
+
+    return fit(policy, len(examples), step_loss, steps, batch_size, lr, seed, callback)
 
 
 def best_of_n_kl(n):

@@ -88,6 +88,15 @@ def implicit_rewards(policy_logps, reference_logps, beta):
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
+def check_loss_arguments(beta, loss_type, label_smoothing):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:  # at 0.5 the labels carry no information
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps,
              reference_chosen_logps, reference_rejected_logps,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False):
@@ -100,12 +109,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
     reference_free: pi_ref log-probs are taken as 0, in the loss and in the returned rewards.
     The rewards are the implicit rewards (Eq. 5), detached: they are for logging and weighting.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_loss_arguments(beta, loss_type, label_smoothing)
     if reference_free:
         reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
         reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
@@ -309,12 +313,9 @@ class TrainConfig:
 def validate_config(config, world_size=1):
     """Raise ValueError for a configuration that cannot train correctly."""
     c = config
-    if c.loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {c.loss_type!r}; expected one of {LOSS_TYPES}")
-    if not c.beta > 0:
-        raise ValueError(f"beta must be > 0, got {c.beta}")
-    if not 0.0 <= c.label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}")
+    check_loss_arguments(c.beta, c.loss_type, c.label_smoothing)
+    if c.rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {c.rpo_alpha}")
     if c.optimizer not in ("rmsprop", "adamw"):
         raise ValueError(f"unknown optimizer {c.optimizer!r}; expected rmsprop or adamw")
     if c.dtype not in ("auto", "fp32", "bf16"):
@@ -486,7 +487,7 @@ def precompute_reference_logps(reference, examples, pad_token_id, device, batch_
         logps[seconds] = rejected.float()
         logps[firsts] = chosen.float()
     all_reduce_sum(logps, world_size)
-    where = torch.tensor(where, device=device)  # (N, 2)
+    where = torch.tensor(where, dtype=torch.long, device=device).reshape(-1, 2)  # (N, 2)
     return logps[where[:, 0]], logps[where[:, 1]]
 
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-
-def read_metrics(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from .dpo import read_jsonl
 
 
 def plot_training(out, filename="training.png"):
@@ -17,7 +13,7 @@ def plot_training(out, filename="training.png"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"loss": "C0", "rewards/chosen": "C2", "rewards/rejected": "C3", "rewards/margin": "C0",
               "rewards/accuracy": "C0"}

@@ -110,6 +110,7 @@ def test_reference_model_is_frozen_and_unchanged(tmp_path, monkeypatch):
     (dict(label_smoothing=0.5), "label_smoothing"),
     (dict(label_smoothing=-0.01), "label_smoothing"),
     (dict(optimizer="sgd"), "optimizer"),
+    (dict(rpo_alpha=-1.0), "rpo_alpha"),
     (dict(max_length=16, max_prompt_length=16), "max_prompt_length"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, overrides, match):

@@ -1,0 +1,208 @@
+"""Judges that compare a candidate response with a baseline, and win rates with confidence intervals.
+
+The paper measures TL;DR and Anthropic HH by GPT-4's verdict between the method's response and the
+dataset's reference (TL;DR) or chosen (HH) response, the two presented in random order. Three judges,
+one interface — judge(prompts, candidates, baselines) -> list of verdicts, each 1.0 (candidate wins),
+0.5 (tie), 0.0 (baseline wins) or None (no usable verdict: counted apart, never as a win):
+
+    ApiJudge          an OpenAI-compatible chat-completions endpoint with the paper's prompts; order
+                      randomised per comparison, retries with backoff, an on-disk cache, a token count.
+    RewardModelJudge  a Hugging Face sequence-classification reward model, named by the user.
+    ProxyJudge        offline: a Bradley-Terry reward model (Eq. 2) fitted on held-out preference
+                      pairs over a frozen LM's features. A real but weak proxy for human judgement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+
+# The paper's GPT-4 prompts (Appendix C.2), verbatim apart from the placeholders.
+SUMMARY_PROMPT = """Which of the following summaries does a better job of summarizing the most important points in the given forum post?
+
+Post:
+{prompt}
+
+Summary A:
+{a}
+
+Summary B:
+{b}
+
+FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why. SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the format:
+Comparison: <one-sentence comparison and explanation>
+Preferred: <"A" or "B">"""
+
+DIALOGUE_PROMPT = """For the following query to a chatbot, which response is more helpful?
+
+Query: {prompt}
+
+Response A:
+{a}
+
+Response B:
+{b}
+
+FIRST provide a one-sentence comparison of the two responses and explain which you feel is more helpful. SECOND, on a new line, state only "A" or "B" to indicate which response is more helpful. Your response should use the format:
+Comparison: <one-sentence comparison and explanation>
+More helpful: <"A" or "B">"""
+
+TEMPLATES = {"summary": (SUMMARY_PROMPT, "Preferred"), "dialogue": (DIALOGUE_PROMPT, "More helpful")}
+
+
+def parse_verdict(text, field):
+    """'A', 'B' or None from a judge's answer: the letter on the '<field>:' line."""
+    m = re.search(rf"^\s*{re.escape(field)}\s*:\s*\**\s*\"?([AB])\"?\s*\**\s*$", text or "", re.MULTILINE | re.IGNORECASE)
+    return m.group(1).upper() if m else None
+
+
+class ApiJudge:
+    """GPT-4-style judge over an OpenAI-compatible /chat/completions endpoint (stdlib HTTP only).
+
+    base_url, model and api_key default to MINIDPO_JUDGE_BASE_URL (else https://api.openai.com/v1),
+    MINIDPO_JUDGE_MODEL (else gpt-4o) and OPENAI_API_KEY. Answers are cached on disk by a hash of
+    (model, template, prompt, first response, second response), so a rerun costs nothing."""
+
+    def __init__(self, task="summary", base_url=None, model=None, api_key=None, cache_path="judge_cache.jsonl",
+                 seed=0, max_retries=5, backoff=1.0, timeout=60.0):
+        self.template, self.field = TEMPLATES[task]
+        self.base_url = (base_url or os.environ.get("MINIDPO_JUDGE_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        self.model = model or os.environ.get("MINIDPO_JUDGE_MODEL") or "gpt-4o"
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY", "")
+        self.cache_path, self.seed = cache_path, seed
+        self.max_retries, self.backoff, self.timeout = max_retries, backoff, timeout
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.requests = 0
+        self.cache = {}
+        if cache_path and os.path.exists(cache_path):
+            with open(cache_path, encoding="utf-8") as f:
+                for line in f:
+                    entry = json.loads(line)
+                    self.cache[entry["key"]] = entry["answer"]
+
+    def _key(self, content):
+        return hashlib.sha256(json.dumps([self.model, content]).encode()).hexdigest()
+
+    def _post(self, content):
+        body = json.dumps({"model": self.model, "temperature": 0,
+                           "messages": [{"role": "user", "content": content}]}).encode()
+        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {self.api_key}"})
+        for attempt in range(self.max_retries + 1):
+            try:
+                self.requests += 1
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    reply = json.loads(response.read())
+                usage = reply.get("usage") or {}
+                self.tokens["prompt"] += usage.get("prompt_tokens", 0)
+                self.tokens["completion"] += usage.get("completion_tokens", 0)
+                return reply["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                if e.code not in (429, 500, 502, 503, 504) or attempt == self.max_retries:
+                    raise
+            except (urllib.error.URLError, TimeoutError):
+                if attempt == self.max_retries:
+                    raise
+            time.sleep(self.backoff * 2 ** attempt)  # exponential backoff: 429 rate limits, 5xx hiccups
+
+    def compare(self, prompt, candidate, baseline):
+        """1.0 / 0.0 for the candidate winning / losing, None for an unusable answer."""
+        key_material = f"{prompt}\x00{candidate}\x00{baseline}\x00{self.seed}"
+        candidate_first = random.Random(hashlib.sha256(key_material.encode()).hexdigest()).random() < 0.5
+        a, b = (candidate, baseline) if candidate_first else (baseline, candidate)
+        content = self.template.format(prompt=prompt, a=a, b=b)
+        key = self._key(content)
+        if key not in self.cache:
+            self.cache[key] = self._post(content)
+            if self.cache_path:
+                with open(self.cache_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": key, "answer": self.cache[key]}) + "\n")
+        letter = parse_verdict(self.cache[key], self.field)
+        if letter is None:
+            return None
+        return 1.0 if (letter == "A") == candidate_first else 0.0
+
+    def __call__(self, prompts, candidates, baselines):
+        return [self.compare(p, c, b) for p, c, b in zip(prompts, candidates, baselines)]
+
+
+def _score_verdicts(candidate_scores, baseline_scores):
+    return [1.0 if c > b else 0.0 if c < b else 0.5 for c, b in zip(candidate_scores, baseline_scores)]
+
+
+class RewardModelJudge:
+    """Compares responses by a Hugging Face sequence-classification reward model's score of
+    prompt + response (the first logit), e.g. OpenAssistant/reward-model-deberta-v3-large-v2."""
+
+    def __init__(self, name, device="cpu", batch_size=16, max_length=1024):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+
+    def score(self, prompts, responses):
+        import torch
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), self.batch_size):
+                enc = self.tokenizer(prompts[i:i + self.batch_size], responses[i:i + self.batch_size],
+                                     return_tensors="pt", padding=True, truncation=True,
+                                     max_length=self.max_length).to(self.device)
+                out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+    def __call__(self, prompts, candidates, baselines):
+        return _score_verdicts(self.score(prompts, candidates), self.score(prompts, baselines))
+
+
+class ProxyJudge:
+    """Offline judge: a Bradley-Terry reward model (Eq. 2) fitted on held-out preference records
+    ({"prompt", "chosen", "rejected"}, none of them used for training the policies) over the
+    features of a frozen feature model. Its accuracy on a further held-out part is reported as
+    `accuracy`: how far to trust it."""
+
+    def __init__(self, feature_model, tokenizer, records, l2=0.1, holdout=0.25, seed=0):
+        from .reward_model import LinearRewardModel
+        self.model, self.tokenizer = feature_model, tokenizer
+        records = list(records)
+        random.Random(seed).shuffle(records)
+        cut = len(records) - max(1, int(holdout * len(records)))
+        chosen = self.features([r["prompt"] for r in records], [r["chosen"] for r in records])
+        rejected = self.features([r["prompt"] for r in records], [r["rejected"] for r in records])
+        self.reward = LinearRewardModel(chosen.shape[1]).fit(chosen[:cut], rejected[:cut], l2=l2)
+        self.accuracy = self.reward.accuracy(chosen[cut:], rejected[cut:])
+        self.reward.fit(chosen, rejected, l2=l2)  # then use every pair
+
+    def features(self, prompts, responses):
+        from .reward_model import completion_features
+        enc = lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        samples = [{"prompt_ids": enc(p), "completion_ids": enc(r)} for p, r in zip(prompts, responses)]
+        return completion_features(self.model, samples, self.tokenizer.pad_token_id)
+
+    def score(self, prompts, responses):
+        return self.reward(self.features(prompts, responses)).tolist()
+
+    def __call__(self, prompts, candidates, baselines):
+        return _score_verdicts(self.score(prompts, candidates), self.score(prompts, baselines))
+
+
+def win_rate(verdicts, z=1.96):
+    """Win rate of the candidate with a Wilson score interval, ties counted as half a win and
+    unusable verdicts (None) left out. Returns {"win_rate", "low", "high", "n", "invalid"}."""
+    valid = [v for v in verdicts if v is not None]
+    n = len(valid)
+    if n == 0:
+        return {"win_rate": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0,
+                "invalid": len(verdicts)}
+    p = sum(valid) / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"win_rate": p, "low": centre - half, "high": centre + half, "n": n, "invalid": len(verdicts) - n}

@@ -1,0 +1,134 @@
+"""Judges: the API judge against a local fake OpenAI-compatible server; win rates; the offline proxy."""
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from minidpo.judges import ApiJudge, ProxyJudge, parse_verdict, win_rate
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Prefers the response that contains GOOD; answers malformed text when asked about MALFORMED;
+    fails with the queued status codes first."""
+
+    def do_POST(self):
+        state = self.server.state
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        state["requests"].append(body)
+        if state["fail"]:
+            self.send_response(state["fail"].pop(0))
+            self.end_headers()
+            return
+        content = body["messages"][0]["content"]
+        a = content.split("Summary A:\n")[1].split("\n\nSummary B:")[0]
+        answer = "I cannot decide." if "MALFORMED" in content else \
+            f"Comparison: one is better.\nPreferred: {'A' if 'GOOD' in a else 'B'}"
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}],
+                              "usage": {"prompt_tokens": 100, "completion_tokens": 12}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    httpd.state = {"requests": [], "fail": []}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def judge(server, tmp_path, **kwargs):
+    return ApiJudge("summary", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="judge-model",
+                    api_key="test-key", cache_path=str(tmp_path / "cache.jsonl"), backoff=0.01, **kwargs)
+
+
+def test_prompt_holds_the_post_both_summaries_and_the_papers_instructions(server, tmp_path):
+    j = judge(server, tmp_path)
+    j.compare("POST TEXT", "candidate GOOD", "baseline")
+    body = server.state["requests"][0]
+    content = body["messages"][0]["content"]
+    assert body["model"] == "judge-model" and body["temperature"] == 0
+    assert "Post:\nPOST TEXT" in content and "candidate GOOD" in content and "baseline" in content
+    assert content.startswith("Which of the following summaries does a better job")
+    assert content.rstrip().endswith('Preferred: <"A" or "B">')
+
+
+def test_both_orders_are_used_and_verdicts_are_mapped_back(server, tmp_path):
+    j = judge(server, tmp_path)
+    prompts = [f"post {i}" for i in range(30)]
+    wins = j(prompts, [f"GOOD {i}" for i in range(30)], [f"plain {i}" for i in range(30)])
+    losses = j(prompts, [f"plain {i}" for i in range(30)], [f"GOOD {i}" for i in range(30)])
+    assert wins == [1.0] * 30 and losses == [0.0] * 30  # whatever position the candidate had
+    first = [r["messages"][0]["content"].split("Summary A:\n")[1].startswith("GOOD") for r in server.state["requests"][:30]]
+    assert 5 < sum(first) < 25  # the candidate was shown first in some comparisons, second in others
+    # A swapped comparison that shows the same text in the same order is the same question: cached.
+    sent = len(server.state["requests"])
+    assert sent < 60 and j.tokens == {"prompt": 100 * sent, "completion": 12 * sent}
+
+
+def test_retries_after_500_and_429(server, tmp_path):
+    server.state["fail"] = [500, 429]
+    assert judge(server, tmp_path).compare("p", "GOOD", "bad") == 1.0
+    assert len(server.state["requests"]) == 3
+
+
+def test_a_client_error_is_not_retried(server, tmp_path):
+    server.state["fail"] = [400]
+    with pytest.raises(Exception):
+        judge(server, tmp_path).compare("p", "GOOD", "bad")
+    assert len(server.state["requests"]) == 1
+
+
+def test_rerun_hits_the_cache_and_costs_nothing(server, tmp_path):
+    args = (["p1", "p2"], ["GOOD a", "b"], ["c", "GOOD d"])
+    first = judge(server, tmp_path)(*args)
+    n = len(server.state["requests"])
+    again = judge(server, tmp_path)
+    assert again(*args) == first and len(server.state["requests"]) == n and again.requests == 0
+
+
+def test_malformed_answers_are_counted_as_such_never_as_wins(server, tmp_path):
+    verdicts = judge(server, tmp_path)(["p", "p2"], ["MALFORMED GOOD", "GOOD"], ["x", "y"])
+    assert verdicts == [None, 1.0]
+    assert win_rate(verdicts) == pytest.approx({"win_rate": 1.0, "low": win_rate([1.0])["low"],
+                                                "high": win_rate([1.0])["high"], "n": 1, "invalid": 1})
+
+
+def test_parse_verdict():
+    assert parse_verdict("Comparison: x\nPreferred: B", "Preferred") == "B"
+    assert parse_verdict('Comparison: x\nMore helpful: "A"', "More helpful") == "A"
+    assert parse_verdict("Comparison: A is better than B", "Preferred") is None
+
+
+def test_win_rate_counts_ties_as_half_with_a_wilson_interval():
+    result = win_rate([1.0, 1.0, 0.0, 0.5, None])
+    n, p, z = 4, 2.5 / 4, 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert result == pytest.approx({"win_rate": p, "low": centre - half, "high": centre + half, "n": 4, "invalid": 1})
+    assert 0 <= result["low"] < p < result["high"] <= 1
+
+
+def test_proxy_judge_learns_held_out_preferences():
+    from minidpo.models import byte_tokenizer, tiny_gpt2
+    tokenizer = byte_tokenizer()
+    model = tiny_gpt2(seed=0, n_embd=128).eval()
+    good = ["thank you, here is how", "sure, happy to help", "great question, first", "yes, you can do it"]
+    bad = ["no.", "go away!!", "???", "whatever..."]
+    records = [{"prompt": f"Q{i}:", "chosen": " " + good[i % 4] + f" {i}", "rejected": " " + bad[(i // 4) % 4] + f" {i}"}
+               for i in range(64)]
+    proxy = ProxyJudge(model, tokenizer, records)
+    assert proxy.accuracy > 0.8
+    assert proxy(["Q:"], [" sure, happy to help"], [" go away!!"]) == [1.0]
