@@ -79,6 +79,21 @@ def save_tiny(folder, arch="gpt2", seed=0, **kwargs):
     return folder
 
 
+def freeze_all_but_top(model, n):
+    """Train only the last n transformer blocks (and the final norm): a laptop-scale economy."""
+    if n <= 0:
+        return model
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)][0]
+    model.requires_grad_(False)
+    for block in blocks[-n:]:
+        block.requires_grad_(True)
+    for name, module in model.named_modules():
+        if name.endswith(("ln_f", "norm", "final_layer_norm")) and not list(module.children()):
+            module.requires_grad_(True)
+    return model
+
+
+
 def _package_file(distribution, suffix):
     """The path of a data file shipped inside an installed package, found without importing it."""
     try:

@@ -1,14 +1,9 @@
-import os
+# The environment (offline, smoke scale) is set in the repository's root conftest.py.
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
 
-# Tests never touch the network: every model and tokenizer is built here or shipped in a package.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from minidpo.models import byte_tokenizer, gpt2_tokenizer, save_tiny, tiny_gpt2, tiny_neox  # noqa: E402
+from minidpo.models import byte_tokenizer, gpt2_tokenizer, save_tiny, tiny_gpt2, tiny_neox
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(2)

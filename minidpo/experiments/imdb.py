@@ -31,6 +31,7 @@ import torch
 
 from .. import dpo
 from ..baselines import best_of_n_kl, train_baseline
+from ..models import freeze_all_but_top
 from ..ppo import PPOConfig, ppo_train
 from ..reward_model import LinearRewardModel, completion_features
 from ..sampling import generate, sequence_kl
@@ -129,20 +130,6 @@ def preference_pairs(prompts, completions, rewards):
                 records.append({"prompt": prompt, "chosen": comps[w], "rejected": comps[l],
                                 "reward_chosen": rs[w], "reward_rejected": rs[l]})
     return records, ties
-
-
-def freeze_all_but_top(model, n):
-    """Train only the last n transformer blocks (and the final norm): a laptop-scale economy."""
-    if n <= 0:
-        return model
-    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)][0]
-    model.requires_grad_(False)
-    for block in blocks[-n:]:
-        block.requires_grad_(True)
-    for name, module in model.named_modules():
-        if name.endswith(("ln_f", "norm", "final_layer_norm")) and not list(module.children()):
-            module.requires_grad_(True)
-    return model
 
 
 class Evaluator:
@@ -303,12 +290,12 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override fields of the scale, e.g. --set model=gpt2 steps=200 dpo_betas=0.1,1")
     args = parser.parse_args(argv)
-    run(args.scale, args.out, args.seed, args.methods, **parse_overrides(args.set))
+    run(args.scale, args.out, args.seed, args.methods, **parse_overrides(args.set, Scale))
 
 
-def parse_overrides(items):
-    """FIELD=VALUE strings -> typed overrides of Scale (tuples as comma lists, dicts as JSON)."""
-    types = {f.name: f.type for f in dataclasses.fields(Scale)}
+def parse_overrides(items, scale_class):
+    """FIELD=VALUE strings -> typed overrides of a Scale dataclass (tuples as comma lists, dicts as JSON)."""
+    types = {f.name: f.type for f in dataclasses.fields(scale_class)}
     out = {}
     for item in items:
         name, _, value = item.partition("=")

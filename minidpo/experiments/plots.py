@@ -78,3 +78,42 @@ def plot_dynamics(runs, title="DPO training dynamics", figure_path=None):
     if figure_path:
         fig.savefig(figure_path, dpi=100)
     return fig
+
+
+def plot_win_rates(results_path, figure_path=None, title="win rate"):
+    """Left: win rate vs sampling temperature per method, with Wilson intervals (paper Fig. 2 right,
+    Fig. 3 left). Right: DPO's win rate at temperature 0 over training steps (Fig. 3 right).
+    Returns the path if saved, else the figure."""
+    plt = _pyplot()
+    rows = read_jsonl(results_path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        final = {}
+        for r in rows:
+            if r["method"] == method:
+                final[r["temperature"]] = r  # the last row per temperature: the end of training
+        ts = sorted(final)
+        rates = [final[t]["win_rate"] for t in ts]
+        errors = [[final[t]["win_rate"] - final[t]["low"] for t in ts], [final[t]["high"] - final[t]["win_rate"] for t in ts]]
+        left.errorbar(ts, rates, yerr=errors, marker="o", capsize=3, label=LABELS.get(method, method),
+                      color=COLORS.get(method))
+    left.axhline(0.5, color="grey", ls=":", lw=1)
+    left.set(title="by sampling temperature", xlabel="sampling temperature", ylabel="win rate vs preferred response")
+    left.legend(fontsize=9)
+    along = sorted((r for r in rows if r["method"] == "dpo" and r["temperature"] == 0.0), key=lambda r: r["step"])
+    start = [r for r in rows if r["method"] == "preferred_ft" and r["temperature"] == 0.0][:1]
+    series = start + along
+    if series:
+        right.errorbar([r["step"] for r in series], [r["win_rate"] for r in series],
+                       yerr=[[r["win_rate"] - r["low"] for r in series], [r["high"] - r["win_rate"] for r in series]],
+                       marker="o", capsize=3, color=COLORS["dpo"], label="DPO (step 0: its SFT reference)")
+    right.axhline(0.5, color="grey", ls=":", lw=1)
+    right.set(title="DPO over training, temperature 0", xlabel="DPO step", ylabel="win rate vs preferred response")
+    right.legend(fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if figure_path is None:
+        return fig
+    fig.savefig(figure_path, dpi=100)
+    plt.close(fig)
+    return figure_path
