@@ -745,9 +745,12 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
         run_eval()  # the starting point: loss ln 2, accuracy 1/2, margins 0
     if master and callback is not None and step == 0:
         callback(step, policy)
+    order_epoch, order = None, None
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        global_batch = batch_order(len(train_examples), config.batch_size, config.seed, epoch)[position]
+        if epoch != order_epoch:  # the data order depends only on (seed, epoch): resume lands on the same batch
+            order_epoch, order = epoch, batch_order(len(train_examples), config.batch_size, config.seed, epoch)
+        global_batch = order[position]
         stats_and_counts = []
         for a, idx in enumerate(shard(global_batch, config.grad_accum, rank, world_size)):
             batch = move(collate([train_examples[i] for i in idx], pad, config.padding_side), device)
