@@ -11,10 +11,11 @@ batch 8 pairs, AdamW, sigmoid loss, beta 0.1, no gradient checkpointing, an expl
 own process, alternating over several rounds so that machine noise hits all of them; each reports the
 median step time after warm-up (setup excluded), from which pairs/s and tokens/s follow.
 
-MFU counts the model FLOPs of the straightforward computation — policy forward and backward (3 x 2N
-per token) plus a reference forward (2N per token), N including the lm_head, over every padded token,
-plus attention — the same count for every implementation on the same batches, so MFU is proportional
-to throughput. It is divided by a fp32 matmul ceiling measured in the same run.
+MFU counts the model FLOPs of each step's algorithm — policy forward and backward (3 x 2N per token)
+plus a live reference's forward (2N per token; none when the reference log-probs were precomputed),
+N including the lm_head over every padded token, plus attention — divided by a fp32 matmul ceiling
+measured in the same run. Work an implementation skips (the lm_head over prompt positions) is still
+counted: it is model FLOPs, not hardware FLOPs.
 """
 
 from __future__ import annotations
@@ -66,13 +67,14 @@ def build(size, seed):
     return GPT2LMHeadModel(config)
 
 
-def model_flops_per_step(model, batch_tokens, seq_len):
-    """Model FLOPs of one straightforward step: policy fwd+bwd (6N) + reference fwd (2N) per token, plus attention."""
+def model_flops_per_step(model, batch_tokens, seq_len, reference_forward=True):
+    """Model FLOPs of one step: policy forward + backward (3 x 2N per token, the lm_head over every
+    position) plus, with a live reference, its forward (2N per token); attention included."""
     cfg = model.config
     n = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)  # wte doubles as lm_head
     attention = 2 * 2 * cfg.n_layer * seq_len * cfg.n_embd  # QK^T and AV, per token, forward
     forward = 2 * n + attention
-    return batch_tokens * (3 * forward + forward)
+    return batch_tokens * (3 * forward + (forward if reference_forward else 0))
 
 
 def matmul_ceiling(threads, dtype_name="fp32", device="cpu"):
@@ -132,7 +134,7 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), batch["chosen_input_ids"].numel() * 2, batch["chosen_input_ids"].shape[1]
 
-    return timed(step, steps, warmup, policy, device)
+    return timed(step, steps, warmup, policy, device, reference_forward=impl != "minidpo-precomputed-ref")
 
 
 def separate_forward_loss(policy, reference, batch, dpo):
@@ -149,7 +151,7 @@ def separate_forward_loss(policy, reference, batch, dpo):
     return losses.mean()
 
 
-def timed(step, steps, warmup, model, device):
+def timed(step, steps, warmup, model, device, reference_forward=True):
     import torch
     times, first_loss, tokens, seq = [], None, 0, 0
     for i in range(warmup + steps):
@@ -164,7 +166,7 @@ def timed(step, steps, warmup, model, device):
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return {"first_loss": first_loss, "step_s": statistics.median(times), "tokens": tokens, "seq_len": seq,
-            "flops": model_flops_per_step(model, tokens, seq)}
+            "flops": model_flops_per_step(model, tokens, seq, reference_forward)}
 
 
 def run_trl(size, steps, warmup, records, tokenizer):

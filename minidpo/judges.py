@@ -134,8 +134,11 @@ class ApiJudge:
         return [self.compare(p, c, b) for p, c, b in zip(prompts, candidates, baselines)]
 
 
-def _score_verdicts(candidate_scores, baseline_scores):
-    return [1.0 if c > b else 0.0 if c < b else 0.5 for c, b in zip(candidate_scores, baseline_scores)]
+def _score_verdicts(candidates, baselines, candidate_scores, baseline_scores, tolerance=1e-4):
+    """1 / 0 / 0.5 by score; identical texts, or scores closer than tolerance (batching round-off),
+    are ties."""
+    return [0.5 if c == b or abs(sc - sb) <= tolerance else float(sc > sb)
+            for c, b, sc, sb in zip(candidates, baselines, candidate_scores, baseline_scores)]
 
 
 class RewardModelJudge:
@@ -160,7 +163,7 @@ class RewardModelJudge:
         return out
 
     def __call__(self, prompts, candidates, baselines):
-        return _score_verdicts(self.score(prompts, candidates), self.score(prompts, baselines))
+        return _score_verdicts(candidates, baselines, self.score(prompts, candidates), self.score(prompts, baselines))
 
 
 class ProxyJudge:
@@ -191,7 +194,7 @@ class ProxyJudge:
         return self.reward(self.features(prompts, responses)).tolist()
 
     def __call__(self, prompts, candidates, baselines):
-        return _score_verdicts(self.score(prompts, candidates), self.score(prompts, baselines))
+        return _score_verdicts(candidates, baselines, self.score(prompts, candidates), self.score(prompts, baselines))
 
 
 def win_rate(verdicts, z=1.96):

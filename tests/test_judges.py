@@ -132,3 +132,19 @@ def test_proxy_judge_learns_held_out_preferences():
     proxy = ProxyJudge(model, tokenizer, records)
     assert proxy.accuracy > 0.8
     assert proxy(["Q:"], [" sure, happy to help"], [" go away!!"]) == [1.0]
+
+
+def test_identical_responses_are_ties_for_score_judges():
+    from minidpo.models import byte_tokenizer, tiny_gpt2
+    tokenizer = byte_tokenizer()
+    records = [{"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": f" no!! {i}"} for i in range(16)]
+    proxy = ProxyJudge(tiny_gpt2(seed=0).eval(), tokenizer, records)
+    # the same text in a batch of different length is scored with different padding: still a tie
+    assert proxy(["Q:", "Q2:"], [" same answer", " x"], [" same answer", " a much longer other answer"])[0] == 0.5
+    assert proxy(["Q:"], [" yes 3"], [" no!! 3"]) == [1.0]
+
+
+def test_score_verdicts_call_identical_texts_and_round_off_ties():
+    from minidpo.judges import _score_verdicts
+    assert _score_verdicts(["same", "x", "y", "z"], ["same", "w", "v", "u"],
+                           [0.3, 1.00001, 2.0, 0.0], [0.2, 1.0, 1.0, 1.0]) == [0.5, 0.5, 1.0, 0.0]
