@@ -242,8 +242,8 @@ def check_same_loss(size, tokenizer_pairs=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--impl", nargs="*", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)

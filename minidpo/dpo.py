@@ -657,6 +657,8 @@ def train(config, train_records=None, eval_records=None, model=None, tokenizer=N
             and (latest_checkpoint(out) or os.path.exists(metrics_path))):
         raise ValueError(f"{out} already holds a run: pass resume to continue it, overwrite to start "
                          f"afresh, or choose another out")
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank has looked at <out> before the master writes to it
 
     # data
     if train_records is None:

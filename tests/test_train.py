@@ -259,7 +259,7 @@ def ddp_and_single(tmp_path, model_dir, data, grad_accum):
     assert single.returncode == 0, single.stderr
     ddp = cli(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               "-m", "minidpo", *common, "--out", str(tmp_path / "ddp"))
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, ddp.stderr[-8000:]
     return read_rows(tmp_path / "single"), read_rows(tmp_path / "ddp")
 
 
