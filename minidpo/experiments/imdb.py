@@ -1,7 +1,7 @@
 """The IMDb sentiment experiment (paper Fig. 2 left): the reward-vs-KL frontier of every method.
 
     python -m minidpo.experiments.imdb --scale smoke     # tiny random GPT-2, toy reward: ~1 minute
-    python -m minidpo.experiments.imdb --scale laptop    # SmolLM2-135M-Instruct + VADER, offline: ~20 minutes on 2 cores
+    python -m minidpo.experiments.imdb --scale laptop    # SmolLM2-135M-Instruct + VADER, offline: ~18 minutes on 2 cores
     python -m minidpo.experiments.imdb --scale paper     # gpt2-large SFT on IMDb + siebert classifier, on a GPU
 
 1. prompts: review prefixes of 2-8 tokens, split into training and held-out prefixes;
