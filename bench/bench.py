@@ -226,7 +226,7 @@ def worker(impl, size, steps, warmup, num_pairs):
     print("RESULT " + json.dumps(result))
 
 
-def check_same_loss(size, tokenizer_pairs=None):
+def check_same_loss(size):
     """Both implementations compute the same first-step loss on one identical batch (the whole data)."""
     import torch
     from minidpo.models import gpt2_tokenizer
