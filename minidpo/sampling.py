@@ -47,13 +47,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=1.0, batc
 
 def completion_batch(samples, pad_id):
     """Right-padded prompt + completion tensors with labels on the completion only: (ids, mask, labels), each (B, T)."""
-    seqs = [s["prompt_ids"] + s["completion_ids"] for s in samples]
-    T = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
-    labels = torch.tensor([[IGNORE_INDEX] * len(x["prompt_ids"]) + x["completion_ids"] + [IGNORE_INDEX] * (T - len(s))
-                           for x, s in zip(samples, seqs)])
-    return ids, mask, labels
+    from .sft import pad_sft
+    return pad_sft([{"input_ids": s["prompt_ids"] + s["completion_ids"],
+                     "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["completion_ids"]} for s in samples], pad_id)
 
 
 @torch.no_grad()

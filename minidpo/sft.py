@@ -21,6 +21,7 @@ def tokenize_sft(tokenizer, prompt, response, max_length=512):
 
 
 def pad_sft(examples, pad_token_id):
+    """Right-pad {"input_ids", "labels"} lists into tensors (ids, attention mask, labels), each (B, T)."""
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.tensor([e["input_ids"] + [pad_token_id] * (T - len(e["input_ids"])) for e in examples])
     mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (T - len(e["input_ids"])) for e in examples])
