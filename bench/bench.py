@@ -11,11 +11,14 @@ batch 8 pairs, AdamW, sigmoid loss, beta 0.1, no gradient checkpointing, an expl
 own process, alternating over several rounds so that machine noise hits all of them; each reports the
 median step time after warm-up (setup excluded), from which pairs/s and tokens/s follow.
 
-MFU counts the model FLOPs of each step's algorithm — policy forward and backward (3 x 2N per token)
-plus a live reference's forward (2N per token; none when the reference log-probs were precomputed),
-N including the lm_head over every padded token, plus attention — divided by a fp32 matmul ceiling
-measured in the same run. Work an implementation skips (the lm_head over prompt positions) is still
-counted: it is model FLOPs, not hardware FLOPs.
+MFU follows the usual convention (PaLM's, nanoGPT's): model FLOPs of 6N per token for the policy's
+forward and backward (2N for a live reference's forward; none when its log-probs were precomputed),
+N counting every weight including the lm_head, plus attention, over every real (non-padding) token,
+divided by a matmul ceiling measured in the same run (fp32 on the CPU, bf16 on a GPU). For DPO that
+convention credits the lm_head at prompt positions, whose logits no implementation needs; so a second,
+stricter column ("MFU, needed") counts the lm_head only at the positions whose log-probability enters
+the loss (the response tokens). Both count the same FLOPs for every implementation; work an
+implementation does beyond them (padding, logits nobody needs) costs it time. tokens/s counts real tokens.
 """
 
 from __future__ import annotations
@@ -67,35 +70,47 @@ def build(size, seed):
     return GPT2LMHeadModel(config)
 
 
-def model_flops_per_step(model, batch_tokens, seq_len, reference_forward=True):
-    """Model FLOPs of one step: policy forward + backward (3 x 2N per token, the lm_head over every
-    position) plus, with a live reference, its forward (2N per token); attention included."""
+def workload_flops(model, examples, pairs_per_step, reference_forward=True):
+    """{"flops", "needed_flops", "tokens"} of one step, averaged over the workload: see the module docstring."""
     cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)  # wte doubles as lm_head
-    attention = 2 * 2 * cfg.n_layer * seq_len * cfg.n_embd  # QK^T and AV, per token, forward
-    forward = 2 * n + attention
-    return batch_tokens * (3 * forward + (forward if reference_forward else 0))
+    vocab_and_positions = {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
+    body = sum(p.numel() for name, p in model.named_parameters() if name not in vocab_and_positions)
+    head = cfg.vocab_size * cfg.n_embd  # the lm_head (tied to the token embedding)
+    flops = needed = tokens = 0
+    for ex in examples:
+        for kind in ("chosen", "rejected"):
+            length = len(ex[f"{kind}_input_ids"])
+            predicted = sum(label != -100 for label in ex[f"{kind}_labels"][1:])  # response tokens
+            attention = 2 * 2 * cfg.n_layer * length * cfg.n_embd  # QK^T and AV, per token, forward
+            flops += length * (2 * body + 2 * head + attention)
+            needed += length * (2 * body + attention) + predicted * 2 * head
+            tokens += length
+    passes = 3 + (1 if reference_forward else 0)  # policy forward + backward, the reference's forward
+    per_step = pairs_per_step / len(examples)
+    return {"flops": flops * passes * per_step, "needed_flops": needed * passes * per_step, "tokens": tokens * per_step}
 
 
-def matmul_ceiling(threads, dtype_name="fp32", device="cpu"):
-    """Best fp32 (or bf16) FLOP/s of a large square matmul on this machine: the MFU denominator."""
+def matmul_ceiling(threads, dtype_name="fp32", device="cpu", sizes=None):
+    """Best FLOP/s of large square matmuls on this machine (fp32, or bf16): the MFU denominator.
+    The output is preallocated so that page faults of a fresh allocation are not timed; the best
+    over sizes and repetitions, since a lower ceiling would flatter every MFU."""
     import torch
     if threads:
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    best = 0.0
+    for n in sizes or ((1024, 2048, 3072) if device == "cpu" else (4096, 8192)):
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        out = torch.empty(n, n, dtype=dtype, device=device)
+        for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            torch.mm(a, b, out=out)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
 
 
 # ---- workers: one implementation, one process ------------------------------------------------------
@@ -109,7 +124,7 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     policy.train()
     config = dpo.TrainConfig(beta=0.1, max_length=cfg["prompt"] + cfg["response"] + 4,
                              max_prompt_length=cfg["prompt"] + 2)
-    examples, _ = dpo.tokenize_records(tokenizer, records, config.max_length, config.max_prompt_length)
+    examples = minidpo_examples(size, records, tokenizer)
     pad = tokenizer.eos_token_id
     B = cfg["pairs"]
     batches = [examples[i:i + B] for i in range(0, len(examples), B)]
@@ -118,7 +133,7 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     if impl == "minidpo-precomputed-ref":  # setup, not timed: the reference runs once over the data
         chosen, rejected = dpo.precompute_reference_logps(reference, examples, pad, device, B)
         precomputed = (chosen, rejected)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    optimizer = dpo.make_optimizer(policy.parameters(), dpo.TrainConfig(optimizer="adamw", lr=1e-5))  # fused AdamW
 
     def step(i):
         idx = list(range((i % len(batches)) * B, (i % len(batches)) * B + B))
@@ -132,9 +147,10 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item(), batch["chosen_input_ids"].numel() * 2, batch["chosen_input_ids"].shape[1]
+        return loss.item()
 
-    return timed(step, steps, warmup, policy, device, reference_forward=impl != "minidpo-precomputed-ref")
+    return dict(timed(step, steps, warmup, device),
+                **workload_flops(policy, examples, B, reference_forward=impl != "minidpo-precomputed-ref"))
 
 
 def separate_forward_loss(policy, reference, batch, dpo):
@@ -151,22 +167,21 @@ def separate_forward_loss(policy, reference, batch, dpo):
     return losses.mean()
 
 
-def timed(step, steps, warmup, model, device, reference_forward=True):
+def timed(step, steps, warmup, device):
     import torch
-    times, first_loss, tokens, seq = [], None, 0, 0
+    times, first_loss = [], None
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss, tokens, seq = step(i)
+        loss = step(i)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i == 0:
             first_loss = loss
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    return {"first_loss": first_loss, "step_s": statistics.median(times), "tokens": tokens, "seq_len": seq,
-            "flops": model_flops_per_step(model, tokens, seq, reference_forward)}
+    return {"first_loss": first_loss, "step_s": statistics.median(times)}
 
 
 def run_trl(size, steps, warmup, records, tokenizer):
@@ -190,8 +205,9 @@ def run_trl(size, steps, warmup, records, tokenizer):
             times.append(time.perf_counter() - marks["t"])
 
     import tempfile
+    # The same AdamW kernel as minidpo's (fused), so the optimizer is not part of the difference.
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg["pairs"], max_steps=warmup + steps,
-                     learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+                     learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
                      dataloader_num_workers=0, max_length=cfg["prompt"] + cfg["response"] + 4, beta=0.1,
                      loss_type=["sigmoid"], disable_dropout=True, gradient_checkpointing=False, seed=0,
@@ -200,10 +216,15 @@ def run_trl(size, steps, warmup, records, tokenizer):
                          processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens_per_pair = 2 * (cfg["prompt"] + cfg["response"])
     return {"first_loss": losses[0], "step_s": statistics.median(times[warmup:]),
-            "tokens": tokens_per_pair * cfg["pairs"], "seq_len": cfg["prompt"] + cfg["response"],
-            "flops": model_flops_per_step(policy, tokens_per_pair * cfg["pairs"], cfg["prompt"] + cfg["response"])}
+            **workload_flops(policy, minidpo_examples(size, records, tokenizer), cfg["pairs"])}
+
+
+def minidpo_examples(size, records, tokenizer):
+    """The workload tokenized as minidpo does it (TRL's tokens are the same: the loss check says so)."""
+    from minidpo import dpo
+    cfg = SIZES[size]
+    return dpo.tokenize_records(tokenizer, records, cfg["prompt"] + cfg["response"] + 4, cfg["prompt"] + 2)[0]
 
 
 def worker(impl, size, steps, warmup, num_pairs):
@@ -223,6 +244,9 @@ def worker(impl, size, steps, warmup, num_pairs):
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    # The machine's speed drifts (a shared VM): each worker measures the ceiling again; the table uses the best.
+    result["ceiling"] = matmul_ceiling(cfg["threads"], cfg["dtype"], "cuda" if torch.cuda.is_available() else "cpu",
+                                       sizes=(2048,) if not torch.cuda.is_available() else (8192,))
     print("RESULT " + json.dumps(result))
 
 
@@ -242,9 +266,10 @@ def check_same_loss(size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    # The defaults fit in ~5 minutes on 2 CPU cores (where a TRL step takes ~10 s); more give steadier medians.
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impl", nargs="*", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -291,13 +316,22 @@ def main(argv=None):
             line = [l for l in child("--worker", impl).splitlines() if l.startswith("RESULT ")][0]
             results[impl].append(json.loads(line[7:]))
             print(f"round {r + 1}: {impl:26s} {results[impl][-1]['step_s']:.3f} s/step", flush=True)
-    ceiling = max(ceiling, matmul_ceiling(cfg["threads"], cfg["dtype"], device))
+    ceiling = max([ceiling, matmul_ceiling(cfg["threads"], cfg["dtype"], device)]
+                  + [r["ceiling"] for runs in results.values() for r in runs])
     print_table(results, ceiling, args, cfg, device)
 
 
 def _cuda():
     import torch
     return torch.cuda.is_available()
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def print_table(results, ceiling, args, cfg, device):
@@ -307,13 +341,15 @@ def print_table(results, ceiling, args, cfg, device):
     for impl, runs in results.items():
         step = statistics.median(r["step_s"] for r in runs)
         rows.append((impl, cfg["pairs"] / step, runs[0]["tokens"] / step, runs[0]["flops"] / step / ceiling,
-                     max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in runs), step))
-    print(f"\n{time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  {device}  "
+                     runs[0]["needed_flops"] / step / ceiling, max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in runs),
+                     step))
+    print(f"\n{time.strftime('%Y-%m-%d')}  {cpu_name() or platform.machine()}, {os.cpu_count()} cores  {device}  "
           f"torch {torch.__version__}  threads {cfg['threads'] or 'all'}  size {args.size}  "
           f"matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"{'implementation':26s} {'pairs/s':>8s} {'tokens/s':>9s} {'MFU':>6s} {'peak MB':>8s} {'s/step':>7s}")
-    for impl, pairs, tokens, mfu, mem, step in rows:
-        print(f"{impl:26s} {pairs:8.2f} {tokens:9.0f} {mfu:6.1%} {mem:8.0f} {step:7.3f}")
+    print(f"{'implementation':26s} {'pairs/s':>8s} {'tokens/s':>9s} {'MFU':>6s} {'MFU, needed':>12s} {'peak MB':>8s} "
+          f"{'s/step':>7s}")
+    for impl, pairs, tokens, mfu, needed, mem, step in rows:
+        print(f"{impl:26s} {pairs:8.2f} {tokens:9.0f} {mfu:6.1%} {needed:12.1%} {mem:8.0f} {step:7.3f}")
     by = {r[0]: r[1] for r in rows}
     if "trl" in by:
         best = max((p, i) for i, p in by.items() if i != "trl")

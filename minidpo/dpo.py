@@ -40,32 +40,76 @@ IGNORE_INDEX = -100  # label of positions that are not predictions: prompt token
 # 1. log pi(y|x): the sum of the response tokens' log-probabilities
 # --------------------------------------------------------------------------------------------------
 
-def token_logps(logits, labels):
+class _LogSoftmaxAt(torch.autograd.Function):
+    """log softmax(z)[y] = z_y - logsumexp(z) at given labels, with a lean backward.
+
+    The gradient is 1[j = y] - softmax(z)_j times the incoming gradient. The vocabulary axis makes
+    these the largest tensors of a small model's step, so on the CPU both passes go over blocks of
+    rows that stay in cache, and the backward writes one (N, V) buffer (or, with overwrite, reuses
+    the logits' own memory: only for logits nobody else holds). test_core checks it against autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, overwrite=False):  # (..., V), (...) valid indices
+        flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+        lse = torch.cat([rows.logsumexp(-1) for rows in flat.split(_block_rows(flat))])  # (N,)
+        ctx.save_for_backward(flat, labels, lse)
+        ctx.shape, ctx.overwrite = logits.shape, overwrite
+        return flat.gather(-1, labels.reshape(-1, 1)).squeeze(-1).sub_(lse).view(labels.shape)  # (...)
+
+    @staticmethod
+    def backward(ctx, grad):  # (...)
+        flat, labels, lse = ctx.saved_tensors
+        grad_flat = flat if ctx.overwrite else torch.empty_like(flat)  # (N, V)
+        g, lse = grad.reshape(-1, 1), lse.unsqueeze(-1)  # (N, 1), (N, 1)
+        n = _block_rows(flat)
+        for start in range(0, flat.shape[0], n):  # -softmax(z) * g, block by block
+            out = grad_flat[start:start + n]
+            torch.sub(flat[start:start + n], lse[start:start + n], out=out).exp_().mul_(-g[start:start + n])
+        grad_flat.scatter_add_(-1, labels.reshape(-1, 1), g)  # + 1[j = y] * g
+        unused = (g == 0) & ~lse.isfinite()  # NaN logits of a fully masked padding row: no gradient
+        if unused.any():
+            grad_flat.masked_fill_(unused, 0.0)
+        return grad_flat.view(ctx.shape), None, None
+
+
+def _block_rows(flat):
+    """Rows per block: ~4 MB on the CPU (the block stays in cache), everything at once on a GPU."""
+    if flat.device.type != "cpu":
+        return max(flat.shape[0], 1)
+    return max(1, (1 << 22) // (flat.shape[-1] * flat.element_size()))
+
+
+def token_logps(logits, labels, overwrite=False):
     """log pi(y_t | x, y_<t) of every label token, and which positions are response tokens.
 
     logits: (B, T, V) from a causal LM on the full prompt + response sequence.
     labels: (B, T) the same token ids, with IGNORE_INDEX on prompt and padding positions.
+    overwrite: the backward may write the gradient into the logits' memory (saves a (B, T, V)
+    buffer; only for logits that nothing else reads afterwards; autograd refuses a second backward).
     Returns (token_logps, mask), each (B, T-1); token_logps is 0 where mask is False.
     """
     # Off by one: the logits at position t predict the token at position t + 1.
-    logits = logits[:, :-1, :]  # (B, T-1, V)
     labels = labels[:, 1:]  # (B, T-1)
     mask = labels != IGNORE_INDEX  # (B, T-1) prompt tokens are conditioning, not predictions
     safe_labels = labels.masked_fill(~mask, 0)  # any valid index; these positions are dropped
-    # log softmax(z)_y = z_y - logsumexp(z), without materialising a second (B, T-1, V) tensor.
-    logps = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    # log softmax(z)_y = z_y - logsumexp(z), without materialising a second (B, T, V) tensor. The
+    # last position predicts nothing (label 0, dropped): slicing the small output, not the logits,
+    # saves a copy of the logits in the backward.
+    logps = _LogSoftmaxAt.apply(logits, F.pad(safe_labels, (0, 1)), overwrite)[:, :-1]  # (B, T-1)
     # where, not multiply: a fully masked padding row may hold NaN logits, and NaN * 0 = NaN.
     return torch.where(mask, logps, torch.zeros_like(logps)), mask
 
 
-def sequence_logps(logits, labels, average=False):
+def sequence_logps(logits, labels, average=False, overwrite=False):
     """log pi(y|x) of each sequence in a batch: the sum over response tokens (the paper's choice).
 
     logits: (B, T, V); labels: (B, T) with IGNORE_INDEX on prompt and padding positions.
     average: the per-token mean instead of the sum (changes the effective beta with length).
+    overwrite: see token_logps.
     Returns (B,).
     """
-    logps, mask = token_logps(logits, labels)  # (B, T-1), (B, T-1)
+    logps, mask = token_logps(logits, labels, overwrite)  # (B, T-1), (B, T-1)
     total = logps.sum(-1)  # (B,)
     if average:
         return total / mask.sum(-1).clamp(min=1)
@@ -258,7 +302,8 @@ def concatenated_forward(model, batch, average=False):
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                    logits_to_keep=labels.shape[1] - start).logits  # (2B, T - start, V)
-    logps = sequence_logps(logits.float(), labels[:, start:], average=average)  # (2B,)
+    # These logits are ours alone: the backward may write their gradient into their memory.
+    logps = sequence_logps(logits.float(), labels[:, start:], average=average, overwrite=True)  # (2B,)
     B = batch["chosen_input_ids"].shape[0]
     return logps[:B], logps[B:]
 
@@ -617,9 +662,12 @@ def rewrite_metrics_upto(path, step):
 # ---- the loop ------------------------------------------------------------------------------------
 
 def make_optimizer(params, config):
+    params = list(params)
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The fused kernel: the same update in one pass over each parameter instead of several.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
 def warmup_schedule(optimizer, warmup_steps):

@@ -29,3 +29,25 @@ def test_bench_runs_and_prints_the_table():
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pairs/s" in result.stdout and "minidpo-precomputed-ref" in result.stdout
+
+
+def test_workload_flops_count_the_lm_head_only_where_the_loss_needs_it():
+    model = bench.build("tiny", 0)
+    cfg = model.config
+    wte, wpe = model.transformer.wte.weight.numel(), model.transformer.wpe.weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - wte - wpe  # lm_head is tied to wte
+    ignore = -100
+    example = {"chosen_input_ids": list(range(10)), "chosen_labels": [ignore] * 6 + list(range(6, 10)),
+               "rejected_input_ids": list(range(8)), "rejected_labels": [ignore] * 6 + [6, 7]}
+
+    def forward(length, lm_head_positions):
+        return length * (2 * body + 4 * cfg.n_layer * length * cfg.n_embd) + lm_head_positions * 2 * wte
+
+    live = bench.workload_flops(model, [example], pairs_per_step=3)
+    precomputed = bench.workload_flops(model, [example], pairs_per_step=3, reference_forward=False)
+    assert live["tokens"] == precomputed["tokens"] == 3 * (10 + 8)
+    # policy forward + backward: 3 forwards; the lm_head at every token, or only at the 4 + 2 predicted ones
+    assert precomputed["flops"] == 3 * 3 * (forward(10, 10) + forward(8, 8))
+    assert precomputed["needed_flops"] == 3 * 3 * (forward(10, 4) + forward(8, 2))
+    assert live["flops"] == precomputed["flops"] * 4 / 3  # + the reference forward
+    assert live["needed_flops"] == precomputed["needed_flops"] * 4 / 3

@@ -75,6 +75,49 @@ def test_prompt_and_padding_positions_do_not_count():
     torch.testing.assert_close(minidpo.sequence_logps(changed, labels)[0], expected)
 
 
+def test_token_logps_backward_equals_autograd_of_log_softmax():
+    # token_logps has a hand-written backward (the vocabulary-sized tensors are a small model's
+    # largest): its gradient must be autograd's through log_softmax + gather, and a NaN padding row
+    # must get zero gradient, not NaN.
+    torch.manual_seed(0)
+    ids, labels = random_batch(vocab=13, B=3, T=7, prompt_lens=(2, 3, 4))
+    labels[2, 5:] = IGNORE_INDEX  # padding at the end of row 2
+    logits = torch.randn(3, 7, 13, dtype=torch.float64)
+    weights = torch.randn(3, 6, dtype=torch.float64)  # an arbitrary upstream gradient per position
+
+    def oracle(z):
+        shifted, target = z[:, :-1], labels[:, 1:]
+        mask = target != IGNORE_INDEX
+        logps = shifted.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(mask, logps, 0.0)
+
+    ours_in, oracle_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours, mask = minidpo.dpo.token_logps(ours_in, labels)
+    torch.testing.assert_close(ours, oracle(oracle_in))
+    (ours * weights).sum().backward()
+    (oracle(oracle_in) * weights).sum().backward()
+    torch.testing.assert_close(ours_in.grad, oracle_in.grad)
+
+    nan_in = logits.clone()
+    nan_in[2, 5:] = float("nan")  # padding rows whose logits are NaN
+    nan_in.requires_grad_()
+    ours, _ = minidpo.dpo.token_logps(nan_in, labels)
+    (ours * weights).sum().backward()
+    assert torch.isfinite(nan_in.grad).all()
+    torch.testing.assert_close(nan_in.grad[:2], oracle_in.grad[:2])
+    assert nan_in.grad[2, 5:].abs().sum() == 0
+
+    # overwrite=True (logits nobody else reads, as in concatenated_forward): the same gradient,
+    # written into the logits' own memory; autograd refuses a second backward through it.
+    owned = logits.clone().requires_grad_()
+    scratch = owned * 1.0  # a non-leaf tensor standing for the model's output logits
+    ours, _ = minidpo.dpo.token_logps(scratch, labels, overwrite=True)
+    (ours * weights).sum().backward(retain_graph=True)
+    torch.testing.assert_close(owned.grad, oracle_in.grad)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (ours * weights).sum().backward()
+
+
 # ---- pitfall 4: one forward, padded, equals the per-example computation -------------------------
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
