@@ -266,9 +266,9 @@ def check_same_loss(size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    # The defaults fit in ~5 minutes on 2 CPU cores (where a TRL step takes ~10 s); more give steadier medians.
+    # The defaults fit in ~5 minutes on 2 CPU cores (a TRL step takes ~10 s there); more give steadier medians.
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impl", nargs="*", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
