@@ -122,8 +122,7 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, reference = build(size, 0).to(device), dpo.frozen_copy(build(size, 1)).to(device)
     policy.train()
-    config = dpo.TrainConfig(beta=0.1, max_length=cfg["prompt"] + cfg["response"] + 4,
-                             max_prompt_length=cfg["prompt"] + 2)
+    config = minidpo_config(size)
     examples = minidpo_examples(size, records, tokenizer)
     pad = tokenizer.eos_token_id
     B = cfg["pairs"]
@@ -133,14 +132,14 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     if impl == "minidpo-precomputed-ref":  # setup, not timed: the reference runs once over the data
         chosen, rejected = dpo.precompute_reference_logps(reference, examples, pad, device, B)
         precomputed = (chosen, rejected)
-    optimizer = dpo.make_optimizer(policy.parameters(), dpo.TrainConfig(optimizer="adamw", lr=1e-5))  # fused AdamW
+    optimizer = dpo.make_optimizer(policy.parameters(), config)  # fused AdamW
 
     def step(i):
         idx = list(range((i % len(batches)) * B, (i % len(batches)) * B + B))
         batch = dpo.move(dpo.collate([examples[j] for j in idx], pad), device)
         with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
             if impl == "minidpo-separate-forwards":
-                loss = separate_forward_loss(policy, reference, batch, dpo)
+                loss = separate_forward_loss(policy, reference, batch, dpo, config.beta)
             else:
                 ref = None if precomputed is None else (precomputed[0][idx], precomputed[1][idx])
                 loss, _ = dpo.dpo_batch_loss(policy, reference, batch, config, ref)
@@ -153,7 +152,7 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
                 **workload_flops(policy, examples, B, reference_forward=impl != "minidpo-precomputed-ref"))
 
 
-def separate_forward_loss(policy, reference, batch, dpo):
+def separate_forward_loss(policy, reference, batch, dpo, beta):
     """The straightforward alternative: four forwards (policy and reference, chosen and rejected)."""
     import torch
 
@@ -163,7 +162,7 @@ def separate_forward_loss(policy, reference, batch, dpo):
 
     with torch.no_grad():
         rc, rr = logps(reference, "chosen"), logps(reference, "rejected")
-    losses, _, _ = dpo.dpo_loss(logps(policy, "chosen"), logps(policy, "rejected"), rc, rr, beta=0.1)
+    losses, _, _ = dpo.dpo_loss(logps(policy, "chosen"), logps(policy, "rejected"), rc, rr, beta=beta)
     return losses.mean()
 
 
@@ -205,11 +204,12 @@ def run_trl(size, steps, warmup, records, tokenizer):
             times.append(time.perf_counter() - marks["t"])
 
     import tempfile
+    ours = minidpo_config(size)
     # The same AdamW kernel as minidpo's (fused), so the optimizer is not part of the difference.
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg["pairs"], max_steps=warmup + steps,
-                     learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
+                     learning_rate=ours.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
-                     dataloader_num_workers=0, max_length=cfg["prompt"] + cfg["response"] + 4, beta=0.1,
+                     dataloader_num_workers=0, max_length=ours.max_length, beta=ours.beta,
                      loss_type=["sigmoid"], disable_dropout=True, gradient_checkpointing=False, seed=0,
                      bf16=cfg["dtype"] == "bf16", precompute_ref_log_probs=False, disable_tqdm=True)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(records),
@@ -220,11 +220,19 @@ def run_trl(size, steps, warmup, records, tokenizer):
             **workload_flops(policy, minidpo_examples(size, records, tokenizer), cfg["pairs"])}
 
 
+def minidpo_config(size):
+    """The workload's loss, lengths and optimizer, as a minidpo TrainConfig (TRL gets the same values)."""
+    from minidpo import dpo
+    cfg = SIZES[size]
+    return dpo.TrainConfig(beta=0.1, max_length=cfg["prompt"] + cfg["response"] + 4, max_prompt_length=cfg["prompt"] + 2,
+                           optimizer="adamw", lr=1e-5)
+
+
 def minidpo_examples(size, records, tokenizer):
     """The workload tokenized as minidpo does it (TRL's tokens are the same: the loss check says so)."""
     from minidpo import dpo
-    cfg = SIZES[size]
-    return dpo.tokenize_records(tokenizer, records, cfg["prompt"] + cfg["response"] + 4, cfg["prompt"] + 2)[0]
+    config = minidpo_config(size)
+    return dpo.tokenize_records(tokenizer, records, config.max_length, config.max_prompt_length)[0]
 
 
 def worker(impl, size, steps, warmup, num_pairs):
