@@ -66,7 +66,8 @@ def build(size, seed):
     torch.manual_seed(seed)
     cfg = SIZES[size]
     config = GPT2Config(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                        n_positions=cfg["prompt"] + cfg["response"] + 8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        n_positions=cfg["prompt"] + cfg["response"] + 8,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
 
 
@@ -117,6 +118,7 @@ def matmul_ceiling(threads, dtype_name="fp32", device="cpu", sizes=None):
 
 def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     import torch
+
     from minidpo import dpo
     cfg = SIZES[size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,8 +226,8 @@ def minidpo_config(size):
     """The workload's loss, lengths and optimizer, as a minidpo TrainConfig (TRL gets the same values)."""
     from minidpo import dpo
     cfg = SIZES[size]
-    return dpo.TrainConfig(beta=0.1, max_length=cfg["prompt"] + cfg["response"] + 4, max_prompt_length=cfg["prompt"] + 2,
-                           optimizer="adamw", lr=1e-5)
+    return dpo.TrainConfig(beta=0.1, max_length=cfg["prompt"] + cfg["response"] + 4,
+                           max_prompt_length=cfg["prompt"] + 2, optimizer="adamw", lr=1e-5)
 
 
 def minidpo_examples(size, records, tokenizer):
@@ -237,6 +239,7 @@ def minidpo_examples(size, records, tokenizer):
 
 def worker(impl, size, steps, warmup, num_pairs):
     import torch
+
     from minidpo.models import gpt2_tokenizer
     cfg = SIZES[size]
     if cfg["threads"]:
@@ -260,7 +263,6 @@ def worker(impl, size, steps, warmup, num_pairs):
 
 def check_same_loss(size):
     """Both implementations compute the same first-step loss on one identical batch (the whole data)."""
-    import torch
     from minidpo.models import gpt2_tokenizer
     cfg = SIZES[size]
     tokenizer = gpt2_tokenizer()
@@ -307,7 +309,7 @@ def main(argv=None):
         return out.stdout
 
     if "trl" in impls:
-        line = [l for l in child("--check").splitlines() if l.startswith("CHECK ")][0]
+        line = [printed for printed in child("--check").splitlines() if printed.startswith("CHECK ")][0]
         check = json.loads(line[6:])
         agree = abs(check["minidpo"] - check["trl"]) < 1e-4
         print(f"first-step loss on one identical batch: minidpo {check['minidpo']:.6f}, TRL {check['trl']:.6f} "
@@ -321,7 +323,7 @@ def main(argv=None):
     results = {impl: [] for impl in impls}
     for r in range(args.rounds):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
-            line = [l for l in child("--worker", impl).splitlines() if l.startswith("RESULT ")][0]
+            line = [printed for printed in child("--worker", impl).splitlines() if printed.startswith("RESULT ")][0]
             results[impl].append(json.loads(line[7:]))
             print(f"round {r + 1}: {impl:26s} {results[impl][-1]['step_s']:.3f} s/step", flush=True)
     ceiling = max([ceiling, matmul_ceiling(cfg["threads"], cfg["dtype"], device)]
@@ -344,13 +346,14 @@ def cpu_name():
 
 def print_table(results, ceiling, args, cfg, device):
     import platform
+
     import torch
     rows = []
     for impl, runs in results.items():
         step = statistics.median(r["step_s"] for r in runs)
+        peak_mb = max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in runs)
         rows.append((impl, cfg["pairs"] / step, runs[0]["tokens"] / step, runs[0]["flops"] / step / ceiling,
-                     runs[0]["needed_flops"] / step / ceiling, max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in runs),
-                     step))
+                     runs[0]["needed_flops"] / step / ceiling, peak_mb, step))
     print(f"\n{time.strftime('%Y-%m-%d')}  {cpu_name() or platform.machine()}, {os.cpu_count()} cores  {device}  "
           f"torch {torch.__version__}  threads {cfg['threads'] or 'all'}  size {args.size}  "
           f"matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")

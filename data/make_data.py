@@ -1,6 +1,6 @@
-"""Write the small bundled data sets in data/ (run: python data/make_data.py).
+"""Write the small bundled data sets in minidpo/bundled/ (run: python data/make_data.py).
 
-Every file here is written by this script from the templates below, seeded, so it is reproducible
+Every data file there is written by this script from the templates below, seeded, so it is reproducible
 and holds no downloaded text. The preferences are deliberately easy to learn (a helpful, specific
 response against an unhelpful one), so that a few minutes of DPO on a CPU show a real effect; they
 are for smoke tests and laptop demos, not for measuring a model.
@@ -10,7 +10,7 @@ import json
 import os
 import random
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minidpo", "bundled")
 
 # (request, first step, second step, tip): the substance of a helpful answer.
 TASKS = [
@@ -114,7 +114,7 @@ def dialogue_pairs(rng, n):
 
 
 def write_jsonl(name, rows):
-    with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
+    with open(os.path.join(BUNDLED, name), "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -218,7 +218,7 @@ def make_imdb_prefixes(rng, n=240):
     combos = sorted(c for c in {f"{o} {v}".strip() for o in SUBJECTS for v in VERBS} | set(OPENINGS)
                     if len(c.split()) <= 8)
     rng.shuffle(combos)
-    with open(os.path.join(HERE, "imdb_prefixes.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(BUNDLED, "imdb_prefixes.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(combos[:n]) + "\n")
 
 
@@ -227,4 +227,4 @@ if __name__ == "__main__":
     make_hh(random.Random(1))
     make_tldr(random.Random(2))
     make_imdb_prefixes(random.Random(3))
-    print("wrote", sorted(n for n in os.listdir(HERE) if n.endswith((".jsonl", ".txt"))))
+    print("wrote", sorted(n for n in os.listdir(BUNDLED) if n.endswith((".jsonl", ".txt"))))

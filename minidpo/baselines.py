@@ -1,19 +1,33 @@
 """The paper's baselines that train on the same preference pairs as DPO (Section 6).
 
 Preferred-FT: supervised fine-tuning on the chosen responses only, -log pi(y_w|x).
-Unlikelihood (Welleck et al. 2019): also push the rejected response's tokens down through
-log(1 - pi): -log pi(y_w|x) - alpha * sum_t log(1 - pi(y_l,t | x, y_l,<t)).
-Both take log-probs, like dpo_loss, so a tabular bandit and a language model use the same code.
+Unlikelihood, as the paper states it (§6, App. C): maximise log pi(y_w|x) and minimise log pi(y_l|x)
+with a weight alpha, at the sequence level: -log pi(y_w|x) + alpha log pi(y_l|x). Nothing bounds the
+second term, so the policy can always lower the loss by driving log pi(y_l|x) to -inf: the
+degeneration the paper reports.
+Unlikelihood, token level (Welleck et al. 2019), a bounded variant: push each rejected token down
+through log(1 - pi): -log pi(y_w|x) - alpha * sum_t log(1 - pi(y_l,t | x, y_l,<t)).
+All take log-probs, like dpo_loss, so a tabular bandit and a language model use the same code.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .dpo import disable_dropout
+
+BASELINES = ("preferred_ft", "unlikelihood", "unlikelihood_token")
+
 
 def preferred_ft_loss(policy_chosen_logps):
     """-log pi(y_w|x). (B,) -> (B,)."""
     return -policy_chosen_logps
+
+
+def sequence_unlikelihood_loss(policy_chosen_logps, policy_rejected_logps, alpha=1.0):
+    """The paper's Unlikelihood: -log pi(y_w|x) + alpha log pi(y_l|x), summed log-probs, (B,) -> (B,).
+    Unbounded below, unlike the token-level form."""
+    return -policy_chosen_logps + alpha * policy_rejected_logps
 
 
 def log1mexp(logp):
@@ -23,7 +37,7 @@ def log1mexp(logp):
 
 
 def unlikelihood_loss(policy_chosen_logps, rejected_token_logps, rejected_mask=None, alpha=1.0, average=False):
-    """-log pi(y_w|x) - alpha * sum_t log(1 - pi(y_l,t | ...)).
+    """The token-level form (Welleck et al.): -log pi(y_w|x) - alpha * sum_t log(1 - pi(y_l,t | ...)), >= 0.
 
     policy_chosen_logps: (B,) log-probs of the chosen responses (summed, or per-token means).
     rejected_token_logps: (B, T) per-token log-probs of the rejected responses (token_logps in dpo.py),
@@ -44,20 +58,22 @@ def unlikelihood_loss(policy_chosen_logps, rejected_token_logps, rejected_mask=N
 
 def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1e-5, alpha=1.0, max_length=512,
                    max_prompt_length=256, seed=0, callback=None):
-    """Train `policy` in place on preference records with Preferred-FT (method "preferred_ft": SFT on
-    the chosen responses) or Unlikelihood (method "unlikelihood"). Both use per-token means, so that
-    alpha weighs the two terms independently of length:
-        preferred_ft   -mean_t log pi(y_w,t | x, y_w,<t)
-        unlikelihood   -mean_t log pi(y_w,t | ...) - alpha mean_t log(1 - pi(y_l,t | ...))
-    callback(step, policy) runs before the first step and after each. Returns the per-step losses."""
+    """Train `policy` in place on preference records, dropout off (as DPO trains), with one of
+        preferred_ft         -mean_t log pi(y_w,t | x, y_w,<t)                       (SFT on the chosen)
+        unlikelihood         -log pi(y_w|x) + alpha log pi(y_l|x)                     (the paper's, summed)
+        unlikelihood_token   -mean_t log pi(y_w,t | ...) - alpha mean_t log(1 - pi(y_l,t | ...))
+    The token-level variant uses per-token means, so that alpha weighs its two terms independently of
+    length. callback(step, policy) runs before the first step and after each. Returns the per-step losses."""
     from .dpo import collate, position_ids_from_mask, token_logps, tokenize_pair
     from .sft import fit, sft_train
 
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINES}")
+    torch.manual_seed(seed)
+    disable_dropout(policy)  # as in DPO: the policy at step 0 is the reference exactly
     if method == "preferred_ft":
         return sft_train(policy, tokenizer, [{"prompt": r["prompt"], "response": r["chosen"]} for r in records],
                          steps, batch_size, lr, max_length, seed=seed, callback=callback)
-    if method != "unlikelihood":
-        raise ValueError(f"unknown baseline {method!r}")
     device = next(policy.parameters()).device
     examples = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length, max_prompt_length)
                 for r in records]
@@ -70,9 +86,11 @@ def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1
             logits = policy(input_ids=batch[f"{kind}_input_ids"], attention_mask=mask,
                             position_ids=position_ids_from_mask(mask)).logits.float()
             per_kind[kind] = token_logps(logits, batch[f"{kind}_labels"])  # (B, T-1) and its mask
-        logps, mask = per_kind["chosen"]
-        chosen_mean = logps.sum(-1) / mask.sum(-1)  # (B,) per-token mean log pi(y_w)
-        return unlikelihood_loss(chosen_mean, *per_kind["rejected"], alpha=alpha, average=True).mean()
+        (chosen, chosen_mask), (rejected, rejected_mask) = per_kind["chosen"], per_kind["rejected"]
+        if method == "unlikelihood":
+            return sequence_unlikelihood_loss(chosen.sum(-1), rejected.sum(-1), alpha).mean()
+        chosen_mean = chosen.sum(-1) / chosen_mask.sum(-1)  # (B,) per-token mean log pi(y_w)
+        return unlikelihood_loss(chosen_mean, rejected, rejected_mask, alpha=alpha, average=True).mean()
 
     return fit(policy, len(examples), step_loss, steps, batch_size, lr, seed, callback)
 

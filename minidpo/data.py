@@ -17,10 +17,12 @@ load_dataset("json" | "csv" | "parquet", data_files=path): the same code path ei
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 
-from .dpo import check_record
+from .dpo import _report_bad_records, check_record
 
 HUB_FORMATS = {
     "Anthropic/hh-rlhf": "hh",
@@ -125,34 +127,90 @@ def _from_generic(row, prompt_column, chosen_column, rejected_column, tokenizer)
     return {"prompt": row[prompt_column], "chosen": chosen, "rejected": rejected}
 
 
-def detect_format(columns):
+def detect_format(columns, first_row=None):
+    """The format of a source from its columns (and, for chosen/rejected without a prompt, its first row:
+    message lists are TRL's conversational format with an implicit prompt, strings are HH transcripts)."""
     columns = set(columns)
     if {"info", "summaries", "choice"} <= columns:
         return "tldr"
     if {"history", "human_ref_A", "human_ref_B", "labels"} <= columns:
         return "shp"
     if {"chosen", "rejected"} <= columns and "prompt" not in columns:
-        return "hh"
+        return "generic" if first_row is not None and _is_messages(first_row.get("chosen")) else "hh"
     return "generic"
 
 
+def read_jsonl(path):
+    """Records from a JSON-lines file (blank lines skipped), each dict with "source": "<path>:<line>", the
+    name every error about it uses."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if isinstance(record, dict):
+                    record.setdefault("source", f"{path}:{lineno}")
+                records.append(record)
+    return records
+
+
+def split_records(records, eval_size, seed, batch_size=1):
+    """(train, eval): a seeded shuffle, then the last eval_size records are held out. eval_size None:
+    min(64, 10% of the records), at least 1 while batch_size training records remain, else 0."""
+    n = len(records)
+    if eval_size is None:
+        eval_size = max(min(64, n // 10), 1) if n - 1 >= batch_size else 0
+        eval_size = min(eval_size, max(n - batch_size, 0))
+        print(f"held out {eval_size} of {n} records for evaluation (min(64, 10%) by default; set --eval_size)")
+    elif n - eval_size < batch_size:
+        raise ValueError(f"--eval_size {eval_size} leaves {max(n - eval_size, 0)} of {n} records for training, "
+                         f"fewer than --batch_size {batch_size}: lower --eval_size or --batch_size")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in order[:n - eval_size]], [records[i] for i in order[n - eval_size:]]
+
+
+def looks_like_hub_name(name):
+    """'namespace/name' with no file extension: only such a string is tried on the hub."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and os.path.splitext(name)[1].lower() not in _FILE_BUILDERS
+
+
+def column(raw, name):
+    """One column of what _load_raw returns (a datasets.Dataset, or a list of dicts for a .jsonl file)."""
+    return [row[name] for row in raw] if isinstance(raw, list) else raw[name]
+
+
 def _load_raw(name_or_path, split, config_name=None, data_files=None, **load_kwargs):
-    """datasets.load_dataset for a hub name, a local folder, or a local file (by its extension)."""
+    """datasets.load_dataset for a hub name, a local folder, or a local file (by its extension); a
+    JSON-lines file through read_jsonl (a list of dicts), so that errors name its lines."""
     from datasets import load_dataset
+    if data_files is None and not os.path.exists(name_or_path) and not looks_like_hub_name(name_or_path):
+        raise FileNotFoundError(f"no such file: {name_or_path}")
     if data_files is not None or os.path.isfile(name_or_path):
         files = data_files if data_files is not None else name_or_path
         first = files if isinstance(files, str) else next(iter(files.values() if isinstance(files, dict) else files))
         ext = os.path.splitext(first)[1].lower()
         if ext not in _FILE_BUILDERS:
             raise ValueError(f"{first}: unknown file type {ext!r}; expected one of {sorted(_FILE_BUILDERS)}")
-        # A single local file is the "train" split whatever the requested split is called.
+        if data_files is None and split != "train":
+            raise ValueError(f"{name_or_path} is one file, one split: there is no split {split!r} in it (for a "
+                             f"held-out set use --eval_size, or a folder with train.jsonl and {split}.jsonl)")
+        if ext == ".jsonl" and isinstance(files, str):
+            rows = read_jsonl(files)
+            bad = next((row for row in rows if not isinstance(row, dict)), None)
+            if bad is not None:
+                raise ValueError(f"{files}: every line must be a JSON object, got {type(bad).__name__}")
+            return rows
         return load_dataset(_FILE_BUILDERS[ext], data_files=files, split="train", **load_kwargs)
     return load_dataset(name_or_path, config_name or HUB_CONFIGS.get(name_or_path), split=split, **load_kwargs)
 
 
 def load_preferences(name_or_path, split="train", format=None, *, config_name=None, data_files=None,
                      prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
-                     tokenizer=None, min_score_ratio=None, skip_invalid=False, **load_kwargs):
+                     tokenizer=None, min_score_ratio=None, skip_invalid=False, with_source=False, **load_kwargs):
     """Any preference source -> a datasets.Dataset with string columns prompt, chosen, rejected.
 
     format: generic | hh | tldr | shp; by default known hub names map to theirs and files are
@@ -160,16 +218,18 @@ def load_preferences(name_or_path, split="train", format=None, *, config_name=No
     tokenizer: needed for conversational (message-list) records, to apply its chat template.
     min_score_ratio: SHP only, keep pairs whose preferred score is at least this multiple of the
     other's (the SHP authors suggest 2). Every record is validated (validate_preferences): a bad one
-    is an error naming it, unless skip_invalid, which drops and reports them.
+    is an error naming it (file:line for a .jsonl file, else source[row]), unless skip_invalid, which drops
+    and reports them. with_source: a "source" column holds that name, for later errors about the record.
     """
     from datasets import Dataset
     raw = _load_raw(name_or_path, split, config_name=config_name, data_files=data_files, **load_kwargs)
     if format is None:
-        format = HUB_FORMATS.get(name_or_path) or detect_format(raw.column_names)
+        columns = raw.column_names if hasattr(raw, "column_names") else {key for row in raw for key in row}
+        format = HUB_FORMATS.get(name_or_path) or detect_format(columns, raw[0] if len(raw) else None)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
     if format == "shp" and min_score_ratio is not None:
-        raw = raw.filter(lambda row: row["score_ratio"] >= min_score_ratio)
+        raw = [row for row in raw if row["score_ratio"] >= min_score_ratio]
     convert = {"hh": _from_hh, "tldr": _from_tldr, "shp": _from_shp}.get(format)
 
     if convert is None:
@@ -177,25 +237,22 @@ def load_preferences(name_or_path, split="train", format=None, *, config_name=No
 
     records, errors = [], []
     for i, row in enumerate(raw):
+        where = row.get("source") or (f"{name_or_path}:{split}[{i}]" if looks_like_hub_name(name_or_path)
+                                      else f"{name_or_path}[{i}]")
         try:
             record = convert(row)
             check_record(record)
-            records.append(record)
+            records.append({**record, "source": where})
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            errors.append((i, f"record {i}: {e}"))
-    _report(errors, len(raw), skip_invalid, source=name_or_path)
-    return Dataset.from_dict({k: [r[k] for r in records] for k in ("prompt", "chosen", "rejected")})
+            errors.append((i, f"{where}: {e}"))
+    _report(errors, len(raw), skip_invalid)
+    columns = ("prompt", "chosen", "rejected") + (("source",) if with_source else ())
+    return Dataset.from_dict({k: [r[k] for r in records] for k in columns})
 
 
-def _report(errors, total, skip_invalid, source=""):
-    if not errors:
-        return
-    where = f"{source}: " if source else ""
-    listing = "\n  ".join(msg for _, msg in errors[:20]) + ("\n  ..." if len(errors) > 20 else "")
-    if not skip_invalid:
-        raise ValueError(f"{where}{len(errors)} of {total} records are invalid "
-                         f"(pass --skip_invalid to drop them):\n  {listing}")
-    print(f"{where}skipped {len(errors)} of {total} invalid records:\n  {listing}")
+def _report(errors, total, skip_invalid):
+    """errors: (index, "name: reason") pairs. Raise listing them, or with skip_invalid print and go on."""
+    _report_bad_records([tuple(message.split(": ", 1)) for _, message in errors], total, skip_invalid, verbose=True)
 
 
 def validate_preferences(records, skip_invalid=False):
@@ -233,8 +290,32 @@ def load_imdb(name_or_path="stanfordnlp/imdb", split="train", tokenizer=None, mi
     made spaces), 'label', and, given a tokenizer, 'prompt' (a 2-8 token prefix of the review)."""
     from datasets import Dataset
     raw = _load_raw(name_or_path, split, **load_kwargs)
-    texts = [t.replace("<br />", " ").strip() for t in raw["text"]]
-    columns = {"text": texts, "label": list(raw["label"])}
+    texts = [t.replace("<br />", " ").strip() for t in column(raw, "text")]
+    columns = {"text": texts, "label": list(column(raw, "label"))}
     if tokenizer is not None:
         columns["prompt"] = imdb_prefixes(texts, tokenizer, min_tokens, max_tokens, seed)
     return Dataset.from_dict(columns)
+
+
+# ---- TL;DR supervised data: posts and their human-written summaries -------------------------------
+
+def load_tldr_sft(name_or_path="CarperAI/openai_summarize_tldr", split="train", skip_invalid=False, **load_kwargs):
+    """The TL;DR SFT data (schema: prompt, label; splits train / valid / test): each Reddit post as the
+    paper's prompt ("SUBREDDIT: ...\\nTITLE: ...\\nPOST: ...\\nTL;DR:") and its human-written reference
+    summary, what the paper's SFT model learns from and what its win rates are measured against.
+    Returns a Dataset with string columns prompt (ending in "TL;DR:") and response (one leading
+    space, as _from_tldr writes the comparisons' summaries). A row with an empty or missing prompt
+    or label is an error naming it, unless skip_invalid drops and reports it."""
+    from datasets import Dataset
+    raw = _load_raw(name_or_path, split, **load_kwargs)
+    records, errors = [], []
+    for i, row in enumerate(raw):
+        try:
+            for field in ("prompt", "label"):
+                if not isinstance(row.get(field), str) or not row[field].strip():
+                    raise ValueError(f"{field!r} is missing or empty")
+            records.append({"prompt": row["prompt"].rstrip(), "response": " " + row["label"].strip()})
+        except ValueError as e:
+            errors.append((i, f"{name_or_path}[{i}]: {e}"))
+    _report(errors, len(raw), skip_invalid)
+    return Dataset.from_dict({k: [r[k] for r in records] for k in ("prompt", "response")})

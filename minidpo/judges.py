@@ -5,11 +5,14 @@ dataset's reference (TL;DR) or chosen (HH) response, the two presented in random
 one interface — judge(prompts, candidates, baselines) -> list of verdicts, each 1.0 (candidate wins),
 0.5 (tie), 0.0 (baseline wins) or None (no usable verdict: counted apart, never as a win):
 
-    ApiJudge          an OpenAI-compatible chat-completions endpoint with the paper's prompts; order
-                      randomised per comparison, retries with backoff, an on-disk cache, a token count.
+    ApiJudge          an OpenAI-compatible chat-completions endpoint with the paper's prompts (TL;DR:
+                      standard (S) or concise (C); HH: dialogue); order randomised per comparison,
+                      retries with backoff, an on-disk cache, a token count.
     RewardModelJudge  a Hugging Face sequence-classification reward model, named by the user.
     ProxyJudge        offline: a Bradley-Terry reward model (Eq. 2) fitted on held-out preference
                       pairs over a frozen LM's features. A real but weak proxy for human judgement.
+
+FeatureRewardModel, the proxy judge's reward model, also ranks Best-of-N samples (experiments/winrate.py).
 """
 
 from __future__ import annotations
@@ -25,55 +28,80 @@ import urllib.error
 import urllib.request
 
 # The paper's GPT-4 prompts (Appendix C.2), verbatim apart from the placeholders.
-SUMMARY_PROMPT = """Which of the following summaries does a better job of summarizing the most important points in the given forum post?
+SUMMARY_PROMPT = (
+    "Which of the following summaries does a better job of summarizing the most important points in the given "
+    "forum post?\n\nPost:\n{prompt}\n\nSummary A:\n{a}\n\nSummary B:\n{b}\n\n"
+    "FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why. SECOND, on "
+    'a new line, state only "A" or "B" to indicate your choice. Your response should use the format:\n'
+    "Comparison: <one-sentence comparison and explanation>\n"
+    'Preferred: <"A" or "B">')
 
-Post:
-{prompt}
+DIALOGUE_PROMPT = (
+    "For the following query to a chatbot, which response is more helpful?\n\n"
+    "Query: {prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+    "FIRST provide a one-sentence comparison of the two responses and explain which you feel is more helpful. "
+    'SECOND, on a new line, state only "A" or "B" to indicate which response is more helpful. Your response should '
+    "use the format:\n"
+    "Comparison: <one-sentence comparison and explanation>\n"
+    'More helpful: <"A" or "B">')
 
-Summary A:
-{a}
+# The concise variant, GPT-4 (C) of section 6.4: the standard prompt (S) favours longer summaries,
+# so (C) also asks for precision and brevity. Only its first paragraph differs.
+SUMMARY_CONCISE_PROMPT = SUMMARY_PROMPT.replace(
+    "in the given forum post?",
+    "in the given forum post, without including unimportant or irrelevant details? A good summary is both "
+    "precise and concise.")
 
-Summary B:
-{b}
+# name -> (template, the field whose line holds the verdict); "summary" is (S), the paper's default.
+TEMPLATES = {"summary": (SUMMARY_PROMPT, "Preferred"), "summary_concise": (SUMMARY_CONCISE_PROMPT, "Preferred"),
+             "dialogue": (DIALOGUE_PROMPT, "More helpful")}
 
-FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why. SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the format:
-Comparison: <one-sentence comparison and explanation>
-Preferred: <"A" or "B">"""
+_MARKDOWN = re.compile(r"[*_`#>]")  # emphasis, code, headings, quotes: "**Preferred:** A"
+_UPPER = re.compile(r"(?:(?i:summary|response)\s+)?([AB])(?![A-Za-z0-9])")  # an explanation may follow
+_LOWER = re.compile(r"(?:(?i:summary|response)\s+)?([ab])[\s.!,;:)]*")  # alone: "a" is also a word
+_EITHER = re.compile(r"A\W+(?:or|and)\W+B\b", re.IGNORECASE)  # the template echoed, or no decision
 
-DIALOGUE_PROMPT = """For the following query to a chatbot, which response is more helpful?
 
-Query: {prompt}
-
-Response A:
-{a}
-
-Response B:
-{b}
-
-FIRST provide a one-sentence comparison of the two responses and explain which you feel is more helpful. SECOND, on a new line, state only "A" or "B" to indicate which response is more helpful. Your response should use the format:
-Comparison: <one-sentence comparison and explanation>
-More helpful: <"A" or "B">"""
-
-TEMPLATES = {"summary": (SUMMARY_PROMPT, "Preferred"), "dialogue": (DIALOGUE_PROMPT, "More helpful")}
+def _letter(answer):
+    answer = answer.strip().strip("\"'“”‘’()[]<> ")
+    if _EITHER.match(answer):
+        return None
+    upper = _UPPER.match(answer)
+    if upper:
+        return upper.group(1)
+    lower = _LOWER.fullmatch(answer)
+    return lower.group(1).upper() if lower else None
 
 
 def parse_verdict(text, field):
-    """'A', 'B' or None from a judge's answer: the letter on the '<field>:' line."""
-    m = re.search(rf"^\s*{re.escape(field)}\s*:\s*\**\s*\"?([AB])\"?\s*\**\s*$", text or "", re.MULTILINE | re.IGNORECASE)
-    return m.group(1).upper() if m else None
+    """'A', 'B' or None from a judge's answer: the letter on the last line that starts with '<field>:'.
+    Accepts what judges write around it: markdown ("**Preferred:** A", "Preferred: **A**"), quotes, a
+    full stop, "Summary A", any case of the field, a lower-case letter standing alone ("preferred: a"),
+    an explanation after an upper-case letter ("Preferred: A, because ..."). Anything else (no such
+    line, "Neither", both letters) is None: an unusable verdict, counted apart."""
+    verdict = None
+    for line in (text or "").splitlines():
+        m = re.match(rf"\s*{re.escape(field)}\s*:(.*)$", _MARKDOWN.sub("", line), re.IGNORECASE)
+        if m:
+            verdict = _letter(m.group(1))
+    return verdict
 
 
 class ApiJudge:
     """GPT-4-style judge over an OpenAI-compatible /chat/completions endpoint (stdlib HTTP only).
 
     base_url, model and api_key default to MINIDPO_JUDGE_BASE_URL (else https://api.openai.com/v1),
-    MINIDPO_JUDGE_MODEL (else gpt-4o) and OPENAI_API_KEY. Answers are cached on disk by a hash of
+    MINIDPO_JUDGE_MODEL (else gpt-4o) and OPENAI_API_KEY. task names the prompt: "summary" (the
+    paper's (S)), "summary_concise" ((C)) or "dialogue". Answers are cached on disk by a hash of
     (model, template, prompt, first response, second response), so a rerun costs nothing."""
 
     def __init__(self, task="summary", base_url=None, model=None, api_key=None, cache_path="judge_cache.jsonl",
                  seed=0, max_retries=5, backoff=1.0, timeout=60.0):
+        if task not in TEMPLATES:
+            raise ValueError(f"unknown judge prompt {task!r}; expected one of {sorted(TEMPLATES)}")
         self.template, self.field = TEMPLATES[task]
-        self.base_url = (base_url or os.environ.get("MINIDPO_JUDGE_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        base_url = base_url or os.environ.get("MINIDPO_JUDGE_BASE_URL") or "https://api.openai.com/v1"
+        self.base_url = base_url.rstrip("/")
         self.model = model or os.environ.get("MINIDPO_JUDGE_MODEL") or "gpt-4o"
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY", "")
         self.cache_path, self.seed = cache_path, seed
@@ -166,16 +194,20 @@ class RewardModelJudge:
         return _score_verdicts(candidates, baselines, self.score(prompts, candidates), self.score(prompts, baselines))
 
 
-class ProxyJudge:
-    """Offline judge: a Bradley-Terry reward model (Eq. 2) fitted on held-out preference records
-    ({"prompt", "chosen", "rejected"}, none of them used for training the policies) over the
-    features of a frozen feature model. Its accuracy on a further held-out part is reported as
-    `accuracy`: how far to trust it."""
+class FeatureRewardModel:
+    """A Bradley-Terry reward model (Eq. 2): a linear head fitted on preference records ({"prompt",
+    "chosen", "rejected"}) over the features of a frozen language model. Its accuracy on a held-out
+    quarter of the records, before it is refitted on all of them, is `accuracy`: how far to trust it.
+    score(prompts, responses) -> one reward per response."""
 
     def __init__(self, feature_model, tokenizer, records, l2=0.1, holdout=0.25, seed=0):
         from .reward_model import LinearRewardModel
         self.model, self.tokenizer = feature_model, tokenizer
         records = list(records)
+        if len(records) < 2:
+            raise ValueError(f"a Bradley-Terry reward model needs at least 2 preference pairs (to fit and to check "
+                             f"it), got {len(records)}; for the offline judge set judge_pairs, or choose another "
+                             f"judge (--judge api, or a reward model's name)")
         random.Random(seed).shuffle(records)
         cut = len(records) - max(1, int(holdout * len(records)))
         chosen = self.features([r["prompt"] for r in records], [r["chosen"] for r in records])
@@ -192,6 +224,11 @@ class ProxyJudge:
 
     def score(self, prompts, responses):
         return self.reward(self.features(prompts, responses)).tolist()
+
+
+class ProxyJudge(FeatureRewardModel):
+    """Offline judge: a FeatureRewardModel fitted on held-out preference records, none of them used
+    for training the policies. A real but weak proxy for human judgement (`accuracy` says how weak)."""
 
     def __call__(self, prompts, candidates, baselines):
         return _score_verdicts(candidates, baselines, self.score(prompts, candidates), self.score(prompts, baselines))

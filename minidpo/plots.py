@@ -1,10 +1,23 @@
-"""Plots of a training run, read from <out>/metrics.jsonl."""
+"""Plots of a training run, read from <out>/metrics.jsonl and the settings saved with its checkpoint."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
-from .dpo import read_jsonl
+LOSS_NAMES = {"sigmoid": "DPO loss (Eq. 7)", "ipo": "IPO loss", "hinge": "hinge loss"}
+
+
+def loss_at_start(settings):
+    """The loss when policy == reference (every margin 0): what the loss panel's reference line marks."""
+    loss_type, beta = settings.get("loss_type", "sigmoid"), settings.get("beta", 0.1)
+    return {"sigmoid": math.log(2), "ipo": (1 / (2 * beta)) ** 2, "hinge": 1.0}[loss_type]
+
+
+def run_settings(out):
+    path = os.path.join(out, "checkpoint", "run_settings.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def plot_training(out, filename="training.png"):
@@ -12,8 +25,12 @@ def plot_training(out, filename="training.png"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    settings = run_settings(out)
+    loss_type = settings.get("loss_type", "sigmoid")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"loss": "C0", "rewards/chosen": "C2", "rewards/rejected": "C3", "rewards/margin": "C0",
               "rewards/accuracy": "C0"}
@@ -25,12 +42,15 @@ def plot_training(out, filename="training.png"):
             for key in keys:
                 name = key.split("/")[-1]
                 axes[i].plot(steps, [r[key] for r in part], color=colors[key], label=f"{name} ({split})", **style)
-    axes[0].axhline(0.6931, color="grey", lw=0.8, ls=":", label="ln 2 (policy = reference)")
-    titles = ("DPO loss (Eq. 7)", "implicit rewards  β log π/π_ref", "reward accuracy (chosen > rejected)")
-    ylabels = ("loss (nats)", "reward (nats × β)", "fraction of pairs")
+    start = loss_at_start(settings)
+    axes[0].axhline(start, color="grey", lw=0.8, ls=":", label=f"{start:.4g} at the start (policy = reference)")
+    titles = (f"{LOSS_NAMES[loss_type]}, β = {settings.get('beta', '?')}", "implicit rewards  β log π/π_ref",
+              "reward accuracy (chosen > rejected)")
+    ylabels = ("loss (nats)" if loss_type == "sigmoid" else "loss", "reward (nats × β)", "fraction of pairs")
     for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -36,7 +36,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=1.0, batc
         kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
             dict(do_sample=False)
         # generate derives position ids from the attention mask, so left padding is handled
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **kwargs)
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **kwargs)
         for row, p, p_ids in zip(generated[:, ids.shape[1]:].tolist(), chunk, prompt_ids):
             completion = row[:row.index(eos) + 1] if eos in row else row
             out.append({"prompt": p, "prompt_ids": p_ids, "completion_ids": completion,
@@ -56,8 +57,12 @@ def completion_batch(samples, pad_id):
 def sequence_kl(policy, reference, samples, pad_id, batch_size=16):
     """KL(pi || pi_ref) of each sample, as in the paper: the sum over the completion's tokens of the
     exact KL between the two next-token distributions, along the policy's own samples. Its mean over
-    samples from pi is an unbiased estimate of the sequence-level KL. Returns (N,)."""
+    samples from pi is an unbiased estimate of the sequence-level KL. Both models are read in eval mode
+    (dropout off): with dropout on, KL(pi || pi) would not be 0. Returns (N,)."""
     device = next(policy.parameters()).device
+    modes = policy.training, reference.training
+    policy.eval()
+    reference.eval()
     out = []
     for start in range(0, len(samples), batch_size):
         ids, mask, labels = (t.to(device) for t in completion_batch(samples[start:start + batch_size], pad_id))
@@ -67,4 +72,6 @@ def sequence_kl(policy, reference, samples, pad_id, batch_size=16):
         per_token = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1) KL of each next-token distribution
         predicts_completion = labels[:, 1:] != IGNORE_INDEX
         out.append(torch.where(predicts_completion, per_token, torch.zeros_like(per_token)).sum(-1).cpu())
+    policy.train(modes[0])
+    reference.train(modes[1])
     return torch.cat(out)

@@ -75,33 +75,40 @@ def test_prompt_and_padding_positions_do_not_count():
     torch.testing.assert_close(minidpo.sequence_logps(changed, labels)[0], expected)
 
 
-def test_token_logps_backward_equals_autograd_of_log_softmax():
-    # token_logps has a hand-written backward (the vocabulary-sized tensors are a small model's
-    # largest): its gradient must be autograd's through log_softmax + gather, and a NaN padding row
-    # must get zero gradient, not NaN.
+def test_plain_token_logps_is_log_softmax_then_gather():
+    torch.manual_seed(0)
+    _, labels = random_batch(vocab=13, B=3, T=7, prompt_lens=(2, 3, 4))
+    logits = torch.randn(3, 7, 13, dtype=torch.float64)
+    ours, mask = minidpo.dpo.token_logps(logits, labels)
+    for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
+        expected = logits[b, t].log_softmax(-1)[labels[b, t + 1]]
+        torch.testing.assert_close(ours[b, t], expected)
+    assert (ours[~mask] == 0).all() and (mask == (labels[:, 1:] != IGNORE_INDEX)).all()
+
+
+def test_fast_token_logps_equals_the_plain_path_in_values_and_gradients():
+    # The appendix's log_softmax_at has a hand-written backward (the vocabulary-sized tensors are a
+    # small model's largest): its values and gradient must be the plain path's (log_softmax + gather,
+    # autograd), and a NaN padding row must get zero gradient, not NaN.
     torch.manual_seed(0)
     ids, labels = random_batch(vocab=13, B=3, T=7, prompt_lens=(2, 3, 4))
     labels[2, 5:] = IGNORE_INDEX  # padding at the end of row 2
     logits = torch.randn(3, 7, 13, dtype=torch.float64)
     weights = torch.randn(3, 6, dtype=torch.float64)  # an arbitrary upstream gradient per position
 
-    def oracle(z):
-        shifted, target = z[:, :-1], labels[:, 1:]
-        mask = target != IGNORE_INDEX
-        logps = shifted.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return torch.where(mask, logps, 0.0)
-
     ours_in, oracle_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ours, mask = minidpo.dpo.token_logps(ours_in, labels)
-    torch.testing.assert_close(ours, oracle(oracle_in))
+    ours, mask = minidpo.dpo.token_logps(ours_in, labels, fast=True)
+    plain, plain_mask = minidpo.dpo.token_logps(oracle_in, labels)
+    torch.testing.assert_close(ours, plain)
+    assert torch.equal(mask, plain_mask)
     (ours * weights).sum().backward()
-    (oracle(oracle_in) * weights).sum().backward()
+    (plain * weights).sum().backward()
     torch.testing.assert_close(ours_in.grad, oracle_in.grad)
 
     nan_in = logits.clone()
     nan_in[2, 5:] = float("nan")  # padding rows whose logits are NaN
     nan_in.requires_grad_()
-    ours, _ = minidpo.dpo.token_logps(nan_in, labels)
+    ours, _ = minidpo.dpo.token_logps(nan_in, labels, fast=True)
     (ours * weights).sum().backward()
     assert torch.isfinite(nan_in.grad).all()
     torch.testing.assert_close(nan_in.grad[:2], oracle_in.grad[:2])
@@ -111,7 +118,7 @@ def test_token_logps_backward_equals_autograd_of_log_softmax():
     # written into the logits' own memory; autograd refuses a second backward through it.
     owned = logits.clone().requires_grad_()
     scratch = owned * 1.0  # a non-leaf tensor standing for the model's output logits
-    ours, _ = minidpo.dpo.token_logps(scratch, labels, overwrite=True)
+    ours, _ = minidpo.dpo.token_logps(scratch, labels, fast=True, overwrite=True)
     (ours * weights).sum().backward(retain_graph=True)
     torch.testing.assert_close(owned.grad, oracle_in.grad)
     with pytest.raises(RuntimeError, match="inplace"):
@@ -311,7 +318,7 @@ def test_collate_masks_padding_by_length_even_when_pad_is_eos(tokenizer):
     ("x", " a", "", "'rejected' is empty"),
     ("x", " same", " same", "identical"),
     ("x", 3, " b", "'chosen' must be a string"),
-    (None, " a", " b", "'prompt' must be a string"),
+    (None, " a", " b", "missing field 'prompt'"),
 ])
 def test_bad_pairs_raise_value_error_naming_the_field(tokenizer, prompt, chosen, rejected, match):
     with pytest.raises(ValueError, match=match):

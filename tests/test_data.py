@@ -9,6 +9,7 @@ import datasets
 import pytest
 
 from minidpo import data
+from minidpo.bundled import bundled_path
 from minidpo.models import byte_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,13 +42,13 @@ def test_hh_file_reports_diverging_and_identical_records():
         data.load_preferences(fixture("hh_rlhf.jsonl"))
     text = str(err.value)
     assert "2 of 4 records are invalid" in text
-    assert "record 2: 'chosen' and 'rejected' transcripts diverge" in text
-    assert "record 3: 'chosen' and 'rejected' are identical" in text
+    assert "hh_rlhf.jsonl:3: 'chosen' and 'rejected' transcripts diverge" in text  # file:line, from 1
+    assert "hh_rlhf.jsonl:4: 'chosen' and 'rejected' are identical" in text
 
 
 def test_hh_file_with_skip_invalid_reports_counts(capsys):
     ds = data.load_preferences(fixture("hh_rlhf.jsonl"), skip_invalid=True)
-    assert "skipped 2 of 4 invalid records" in capsys.readouterr().out
+    assert "skipping 2 of 4 invalid records" in capsys.readouterr().out
     assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 2
     assert ds[1]["prompt"].endswith("\n\nHuman: Sourdough.\n\nAssistant:")
     assert ds[1]["prompt"].startswith("\n\nHuman: Can you help me bake bread?\n\nAssistant: Sure, what kind?")
@@ -117,21 +118,21 @@ def test_every_validation_error_names_the_record_and_field(tmp_path):
     with pytest.raises(ValueError) as err:
         data.load_preferences(path)
     text = str(err.value)
-    for expected in ("4 of 6 records", "record 1: missing field 'rejected'", "record 3: 'prompt' is empty",
-                     "record 4: 'chosen' is empty", "record 5: 'chosen' and 'rejected' are identical"):
+    for expected in ("4 of 6 records", "bad.jsonl:2: missing field 'rejected'", "bad.jsonl:4: 'prompt' is empty",
+                     "bad.jsonl:5: 'chosen' is empty", "bad.jsonl:6: 'chosen' and 'rejected' are identical"):
         assert expected in text
     with pytest.raises(ValueError, match="record 2: 'chosen' must be a string, got int"):
         data.validate_preferences(rows)
     # A file can hold a non-string too, when a whole column has another type.
     path = write_jsonl(tmp_path / "numbers.jsonl", [{"prompt": "p", "chosen": " a", "rejected": 1}])
-    with pytest.raises(ValueError, match="record 0: 'rejected' must be a string, got int"):
+    with pytest.raises(ValueError, match="numbers.jsonl:1: 'rejected' must be a string, got int"):
         data.load_preferences(path)
 
 
 def test_skip_invalid_reports_the_count_and_keeps_the_rest(tmp_path, capsys):
     rows = [{"prompt": "p", "chosen": " a", "rejected": " b"}, {"prompt": "p", "chosen": " a", "rejected": " a"}]
     assert data.validate_preferences(rows, skip_invalid=True) == rows[:1]
-    assert "skipped 1 of 2 invalid records" in capsys.readouterr().out
+    assert "skipping 1 of 2 invalid records" in capsys.readouterr().out
 
 
 def test_generic_columns_can_be_renamed_and_csv_and_parquet_load(tmp_path):
@@ -182,7 +183,7 @@ def test_imdb_prefixes_are_2_to_8_tokens_and_seeded():
 
 @pytest.mark.parametrize("name,fmt", [("preferences.jsonl", "generic"), ("hh.jsonl", "hh"), ("tldr.jsonl", "tldr")])
 def test_bundled_data_loads_valid_in_its_format(name, fmt):
-    path = os.path.join(REPO, "data", name)
+    path = bundled_path(name)
     with open(path) as f:
         columns = json.loads(f.readline()).keys()
     assert data.detect_format(columns) == fmt
@@ -191,9 +192,9 @@ def test_bundled_data_loads_valid_in_its_format(name, fmt):
 
 
 @pytest.mark.parametrize("dataset,extra", [
-    (os.path.join(REPO, "data", "hh.jsonl"), []),
-    (os.path.join(REPO, "data", "tldr.jsonl"), []),
-    (os.path.join(REPO, "data", "preferences.jsonl"), []),
+    (bundled_path("hh.jsonl"), []),
+    (bundled_path("tldr.jsonl"), []),
+    (bundled_path("preferences.jsonl"), []),
     (fixture("shp.jsonl"), ["--batch_size", "2", "--eval_size", "1"]),
     (fixture("hh_rlhf.jsonl"), ["--batch_size", "2", "--eval_size", "0", "--skip-invalid"]),
 ])

@@ -1,5 +1,7 @@
-"""The sentiment experiment's pieces: pairs, the KL estimator, PPO, the reward model, the driver."""
+"""The sentiment experiment's pieces: prompts, pairs, the KL estimator, the reward models, the driver.
+PPO's tests are in test_ppo.py, the baselines' in test_baselines.py."""
 
+import copy
 import itertools
 import json
 import math
@@ -8,15 +10,39 @@ import os
 import pytest
 import torch
 
-from minidpo.dpo import frozen_copy
+from minidpo import reward_model
 from minidpo.experiments import imdb
 from minidpo.models import byte_tokenizer, tiny_gpt2
-from minidpo.ppo import PPOConfig, clipped_policy_loss, clipped_value_loss, gae, kl_penalised_rewards, ppo_train
-from minidpo.reward_model import LinearRewardModel, completion_features
+from minidpo.reward_model import LinearRewardModel, RewardModelConfig, completion_features, train_reward_model
 from minidpo.rewards import ClassifierReward, toy_reward
 from minidpo.sampling import generate, sequence_kl
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def imdb_folder(folder, rows=None):
+    """An IMDb stand-in with a train and a test split (the same rows; the fixture's by default)."""
+    folder.mkdir()
+    text = "".join(json.dumps(r) + "\n" for r in rows) if rows else open(os.path.join(FIXTURES, "imdb.jsonl")).read()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(text)
+    return str(folder)
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+def test_held_out_and_training_prefixes_are_drawn_from_the_whole_label_sorted_split(tmp_path, tokenizer):
+    # The hub's IMDb splits are sorted by label; a stand-in with 30 negative then 30 positive reviews.
+    rows = [{"text": f"Negative review {i}: dull.", "label": 0} for i in range(30)]
+    rows += [{"text": f"Positive review {i}: great.", "label": 1} for i in range(30)]
+    folder = imdb_folder(tmp_path / "imdb_sorted", rows)
+    scale = imdb.dataclasses.replace(imdb.SCALES["paper"], imdb=folder, train_prompts=12, eval_prompts=10)
+    train, held_out = imdb.load_prompts(scale, tokenizer, seed=0)
+    assert len(train) == 12 and len(held_out) == 10
+    for prefixes in (train, held_out):  # byte tokens: each prefix starts with its review's first letter
+        assert {p[0] for p in prefixes} == {"N", "P"}
+    assert imdb.load_prompts(scale, tokenizer, seed=0) == (train, held_out)  # seeded
+    assert imdb.load_prompts(scale, tokenizer, seed=1) != (train, held_out)
 
 
 # ---- preference pairs ----------------------------------------------------------------------------
@@ -29,6 +55,20 @@ def test_four_samples_give_six_ranked_pairs_and_ties_are_dropped():
                                                                  ("b", "d"), ("c", "d")}
     records, ties = imdb.preference_pairs(["p"], [["a", "b", "c", "a"]], [[0.5, 0.5, 0.1, 0.5]])
     assert ties == 3 and len(records) == 3  # a=b (reward), a=a (text and reward), b=a: dropped and counted
+
+
+def test_empty_and_whitespace_completions_are_dropped_and_counted():
+    completions, rewards, dropped = imdb.drop_empty([["a", "", "b", " \n"], ["c", "d"]], [[0.1, 0.2, 0.3, 0.4], [1, 2]])
+    assert (completions, rewards, dropped) == ([["a", "b"], ["c", "d"]], [[0.1, 0.3], [1, 2]], 2)
+    records, ties = imdb.preference_pairs(["p", "q"], completions, rewards)
+    assert ties == 0 and all(r["chosen"].strip() and r["rejected"].strip() for r in records) and len(records) == 2
+
+
+def test_tuple_overrides_keep_their_item_type():
+    overrides = imdb.parse_overrides(["best_of=4,16", "dpo_betas=0.1, 1", "steps=3", "ppo={\"lr\": 0.1}"],
+                                     imdb.Scale)
+    assert overrides == {"best_of": (4, 16), "dpo_betas": (0.1, 1.0), "steps": 3, "ppo": {"lr": 0.1}}
+    assert all(type(n) is int for n in overrides["best_of"]) and type(overrides["dpo_betas"][1]) is float
 
 
 # ---- the KL estimator ------------------------------------------------------------------------------
@@ -53,49 +93,16 @@ def test_sequence_kl_along_samples_has_the_exact_kl_as_expectation():
     assert sequence_kl(policy, policy, samples, pad_id=0).abs().max() < 1e-6
 
 
-# ---- PPO pieces against hand-computed values ---------------------------------------------------------
-
-def test_kl_penalty_puts_the_score_on_the_last_completion_token():
-    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
-    rewards = kl_penalised_rewards(torch.tensor([2.0]), torch.tensor([[9.0, -1.0, -2.0, 9.0]]),
-                                   torch.tensor([[0.0, -1.5, -1.0, 0.0]]), mask, kl_coef=0.1)
-    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1 + 2.0, 0.0]]))
-
-
-def test_gae_by_hand():
-    rewards = torch.tensor([[0.0, 1.0, 2.0, 0.0]])
-    values = torch.tensor([[0.0, 0.5, 1.0, 0.0]])
-    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
-    gamma, lam = 0.9, 0.8
-    d2 = 2.0 - 1.0  # the last token: no next value
-    d1 = 1.0 + gamma * 1.0 - 0.5
-    advantages, returns = gae(rewards, values, mask, gamma, lam)
-    torch.testing.assert_close(advantages, torch.tensor([[0.0, d1 + gamma * lam * d2, d2, 0.0]]))
-    torch.testing.assert_close(returns, torch.tensor([[0.0, d1 + gamma * lam * d2 + 0.5, d2 + 1.0, 0.0]]))
-
-
-def test_clipped_objectives_by_hand():
-    mask = torch.ones(1, 3)
-    old = torch.zeros(1, 3)
-    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
-    adv = torch.tensor([[1.0, 1.0, -2.0]])
-    # ratio 1.5 with A>0 clips to 1.2; 0.5 with A>0 keeps 0.5 (the min); 1.1 with A<0 keeps 1.1
-    expected = -(1.2 * 1.0 + 0.5 * 1.0 + 1.1 * -2.0) / 3
-    assert clipped_policy_loss(new, old, adv, mask, clip=0.2).item() == pytest.approx(expected)
-    v, v_old, ret = torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 1.0]])
-    # first token: unclipped (1-0)^2=1, clipped (0.2-0)^2=0.04 -> max 1; third: both 1
-    assert clipped_value_loss(v, v_old, ret, mask, clip=0.2).item() == pytest.approx(0.5 * (1 + 0 + 1) / 3)
-
-
-def test_ppo_gt_raises_the_reward_on_the_smoke_task():
-    tokenizer, policy = byte_tokenizer(), tiny_gpt2(seed=0)
-    reference = frozen_copy(policy)
-    history = ppo_train(policy, reference, tokenizer, ["The film", "This movie was", "I watched"],
-                        lambda s: toy_reward([x["completion"] for x in s]),
-                        PPOConfig(iterations=12, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-2, max_new_tokens=12,
-                                  init_kl_coef=0.01, target_kl=0))
-    first, last = history[0]["score"], sum(h["score"] for h in history[-3:]) / 3
-    assert last > first + 0.2
+def test_sequence_kl_of_a_dropout_model_against_its_copy_is_zero(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=32, resid_pdrop=0.5, embd_pdrop=0.5,
+                        attn_pdrop=0.5)
+    policy = GPT2LMHeadModel(config).train()  # dropout 0.5, in train mode as a method leaves it
+    reference = copy.deepcopy(policy)
+    samples = generate(policy, tokenizer, ["The film", "I watched"] * 4, max_new_tokens=8, seed=0)
+    assert sequence_kl(policy, reference, samples, tokenizer.pad_token_id).abs().max() == 0
+    assert policy.training and reference.training  # the callers' modes are left as they were
 
 
 # ---- the reward model --------------------------------------------------------------------------------
@@ -108,10 +115,42 @@ def test_bradley_terry_reward_model_ranks_held_out_pairs_above_chance():
     pairs = [(a, b) if rewards[a] > rewards[b] else (b, a) for a, b in zip(range(0, 600, 2), range(1, 600, 2))
              if rewards[a] != rewards[b]]
     feats = completion_features(reference, samples, tokenizer.pad_token_id)
-    chosen, rejected = feats[[w for w, _ in pairs]], feats[[l for _, l in pairs]]
+    chosen, rejected = feats[[w for w, _ in pairs]], feats[[r for _, r in pairs]]
     cut = len(pairs) * 3 // 4
     model = LinearRewardModel(feats.shape[1]).fit(chosen[:cut], rejected[:cut], l2=1.0)
     assert model.accuracy(chosen[cut:], rejected[cut:]) > 0.6  # measured 0.74 on 39 held-out pairs
+
+
+def toy_pairs(num_prompts=150, seed=0):
+    """(model, tokenizer, pairs): 4 samples per prompt from a tiny random model, ranked by the toy reward."""
+    tokenizer, lm = byte_tokenizer(), tiny_gpt2(seed=0).eval()
+    prompts = [f"Review {i}:" for i in range(num_prompts)]
+    samples = generate(lm, tokenizer, [p for p in prompts for _ in range(4)], max_new_tokens=12, seed=seed)
+    completions = [[s["completion"] for s in samples[i:i + 4]] for i in range(0, len(samples), 4)]
+    pairs, _ = imdb.preference_pairs(prompts, completions, [toy_reward(c) for c in completions])
+    return lm, tokenizer, pairs
+
+
+def test_a_prompts_pairs_stay_in_one_split():
+    records = [{"prompt": f"p{i % 20}", "n": i} for i in range(120)]
+    splits = reward_model.split_by_prompt(records, 0.1, 0.2, seed=0)
+    prompts = [{r["prompt"] for r in split} for split in splits]
+    assert [len(p) for p in prompts] == [14, 2, 4] and sum(map(len, splits)) == 120
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+
+
+def test_lm_reward_model_learns_the_pairs_and_keeps_its_best_validation_checkpoint():
+    lm, tokenizer, pairs = toy_pairs()
+    config = RewardModelConfig(epochs=6, batch_size=16, lr=3e-3, eval_every=10, val_fraction=0.2, test_fraction=0.2)
+    model, report = train_reward_model(lm, tokenizer, pairs, config)
+    assert report["test_accuracy"] > 0.7  # measured 0.83 on 96 pairs of held-out prompts (chance: 0.5)
+    best = max(report["history"], key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    assert best["step"] != report["history"][-1]["step"]  # so that keeping the last would be caught
+    _, val, _ = reward_model.split_by_prompt(pairs, config.val_fraction, config.test_fraction, config.seed)
+    accuracy, loss = reward_model.pair_metrics(model, [model.encode_pair(r) for r in val])
+    assert (report["step"], report["val_accuracy"]) == (best["step"], best["val_accuracy"])
+    assert (accuracy, loss) == pytest.approx((best["val_accuracy"], best["val_loss"]), rel=1e-5)
+    assert model.score(["Review 0:"], [" aeiou"]) == model.score(["Review 0:"], [" aeiou"])  # eval mode, no grad
 
 
 # ---- the driver, at smoke scale and on the paper's code path ---------------------------------------------
@@ -148,9 +187,39 @@ def test_classifier_reward_is_the_probability_of_positive(tiny_classifier):
 
 def test_paper_scale_code_path_runs_on_local_stand_ins(tmp_path, tiny_model_dir, tiny_classifier):
     results = imdb.run("paper", out=str(tmp_path / "paper"), model=tiny_model_dir, reward=tiny_classifier,
-                       imdb=os.path.join(FIXTURES, "imdb.jsonl"), train_prompts=3, eval_prompts=2, new_tokens=6,
-                       steps=2, eval_every=1, ppo_eval_every=1, batch_size=2, sft_steps=2, dpo_betas=(0.1,),
-                       ul_alphas=(1.0,), ppo_targets=(6.0,), best_of=(2,), rpo_alpha=0.0,
-                       ppo=dict(iterations=1, rollouts=2, minibatch=2, ppo_epochs=1))
-    methods = {json.loads(line)["method"] for line in open(results)}
-    assert methods == {"reference", "dpo", "preferred_ft", "unlikelihood", "ppo_gt", "ppo", "best_of_n"}
+                       imdb=imdb_folder(tmp_path / "imdb"), train_prompts=3, eval_prompts=2, new_tokens=6,
+                       steps=2, eval_every=1, ppo_eval_every=1, batch_size=2, sft_batch_size=2, dpo_betas=(0.1,),
+                       ul_alphas=(1.0,), ppo_targets=(3.0, 6.0), best_of=(2,), rpo_alpha=0.0,
+                       ppo=dict(iterations=1, rollouts=2, minibatch=2, ppo_epochs=1),
+                       reward_model=dict(batch_size=2, eval_every=1))
+    rows = [json.loads(line) for line in open(results)]
+    assert {r["method"] for r in rows} == {"reference", "dpo", "preferred_ft", "unlikelihood", "ppo_gt", "ppo",
+                                          "best_of_n"}
+    for method in ("ppo_gt", "ppo"):  # the learned reward at the same targets as the ground truth
+        assert {r["param"] for r in rows if r["method"] == method} == {3.0, 6.0}
+    summary = json.load(open(tmp_path / "paper" / "summary.json"))
+    # The paper's reference: one full epoch of SFT on the (here 3) IMDb train reviews.
+    assert imdb.SCALES["paper"].sft_epochs == 1
+    assert summary["sft"] == {"reviews": 3, "steps": 2, "batch_size": 2}
+    assert summary["reward_model"]["pairs"]["train"] > 0
+
+
+def test_every_method_is_measured_with_dropout_off(tmp_path, tiny_classifier):
+    # A reference with dropout 0.3 and (almost) no learning: every policy stays the reference, so every
+    # measured KL must be 0. Dropout left on in a policy or in the measurement would make it positive.
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=32, resid_pdrop=0.3,
+                               embd_pdrop=0.3, attn_pdrop=0.3, bos_token_id=256, eos_token_id=256)
+                    ).save_pretrained(tmp_path / "dropout-model")
+    tokenizer.save_pretrained(tmp_path / "dropout-model")
+    results = imdb.run("paper", out=str(tmp_path / "run"), model=str(tmp_path / "dropout-model"),
+                       reward=tiny_classifier, imdb=imdb_folder(tmp_path / "imdb"), train_prompts=3,
+                       eval_prompts=2, new_tokens=6, steps=2, eval_every=1, ppo_eval_every=1, batch_size=2, lr=1e-30,
+                       sft_epochs=0, dpo_betas=(0.1,), ul_alphas=(1.0,), ppo_targets=(6.0,), rpo_alpha=0.0,
+                       methods=["dpo", "preferred_ft", "unlikelihood", "ppo_gt"],
+                       ppo=dict(iterations=2, rollouts=2, minibatch=2, ppo_epochs=1, lr=0.0))
+    rows = [json.loads(line) for line in open(results)]
+    assert {r["method"] for r in rows} == {"reference", "dpo", "preferred_ft", "unlikelihood", "ppo_gt"}
+    assert max(abs(r["kl"]) for r in rows) < 1e-6, [(r["method"], r["kl"]) for r in rows]

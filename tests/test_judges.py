@@ -49,8 +49,8 @@ def server():
     httpd.server_close()
 
 
-def judge(server, tmp_path, **kwargs):
-    return ApiJudge("summary", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="judge-model",
+def judge(server, tmp_path, task="summary", **kwargs):
+    return ApiJudge(task, base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="judge-model",
                     api_key="test-key", cache_path=str(tmp_path / "cache.jsonl"), backoff=0.01, **kwargs)
 
 
@@ -71,7 +71,8 @@ def test_both_orders_are_used_and_verdicts_are_mapped_back(server, tmp_path):
     wins = j(prompts, [f"GOOD {i}" for i in range(30)], [f"plain {i}" for i in range(30)])
     losses = j(prompts, [f"plain {i}" for i in range(30)], [f"GOOD {i}" for i in range(30)])
     assert wins == [1.0] * 30 and losses == [0.0] * 30  # whatever position the candidate had
-    first = [r["messages"][0]["content"].split("Summary A:\n")[1].startswith("GOOD") for r in server.state["requests"][:30]]
+    first = [r["messages"][0]["content"].split("Summary A:\n")[1].startswith("GOOD")
+             for r in server.state["requests"][:30]]
     assert 5 < sum(first) < 25  # the candidate was shown first in some comparisons, second in others
     # A swapped comparison that shows the same text in the same order is the same question: cached.
     sent = len(server.state["requests"])
@@ -106,10 +107,51 @@ def test_malformed_answers_are_counted_as_such_never_as_wins(server, tmp_path):
                                                 "high": win_rate([1.0])["high"], "n": 1, "invalid": 1})
 
 
-def test_parse_verdict():
-    assert parse_verdict("Comparison: x\nPreferred: B", "Preferred") == "B"
-    assert parse_verdict('Comparison: x\nMore helpful: "A"', "More helpful") == "A"
-    assert parse_verdict("Comparison: A is better than B", "Preferred") is None
+@pytest.mark.parametrize("answer, field, letter", [
+    ("Comparison: x\nPreferred: B", "Preferred", "B"),
+    ('Comparison: x\nMore helpful: "A"', "More helpful", "A"),
+    ("Comparison: x\nPreferred: A.", "Preferred", "A"),  # a full stop
+    ("Comparison: x\n**Preferred:** A", "Preferred", "A"),  # markdown around the field
+    ("Comparison: x\nPreferred: **B**", "Preferred", "B"),  # ... or around the letter
+    ("Comparison: x\npreferred: a", "Preferred", "A"),  # lower case
+    ("comparison: x\nMORE HELPFUL: b.", "More helpful", "B"),
+    ("Comparison: x\nPreferred: A, because it keeps the key facts.", "Preferred", "A"),  # an explanation after it
+    ("Comparison: x\nPreferred: B (shorter and accurate)", "Preferred", "B"),
+    ("Comparison: x\nPreferred: Summary B", "Preferred", "B"),
+    ("Comparison: x\n  Preferred : 'A'  ", "Preferred", "A"),
+    ("Preferred: A\nWait, on reflection:\nPreferred: B", "Preferred", "B"),  # the last verdict counts
+])
+def test_parse_verdict_accepts_what_judges_write(answer, field, letter):
+    assert parse_verdict(answer, field) == letter
+
+
+@pytest.mark.parametrize("answer", [
+    "Comparison: A is better than B",  # no verdict line
+    "Comparison: x\nPreferred: Neither",
+    'Comparison: x\nPreferred: <"A" or "B">',  # the template echoed
+    "Comparison: x\nPreferred: A or B, hard to say",
+    "Comparison: x\npreferred: a summary that is short",  # "a" the article, not a letter
+    "Comparison: x\nPreferred:",
+    "",
+    None,
+])
+def test_unparseable_verdicts_are_none(answer):
+    assert parse_verdict(answer, "Preferred") is None
+
+
+def test_the_concise_prompt_differs_from_the_standard_only_in_its_question(server, tmp_path):
+    from minidpo.judges import SUMMARY_CONCISE_PROMPT, SUMMARY_PROMPT, TEMPLATES
+    standard_question, standard_rest = SUMMARY_PROMPT.split("\n\n", 1)
+    concise_question, concise_rest = SUMMARY_CONCISE_PROMPT.split("\n\n", 1)
+    assert concise_rest == standard_rest and concise_question.startswith(standard_question[:-1])
+    assert concise_question.endswith("without including unimportant or irrelevant details? A good summary is both "
+                                     "precise and concise.")
+    assert TEMPLATES["summary_concise"] == (SUMMARY_CONCISE_PROMPT, "Preferred")
+    concise = judge(server, tmp_path, task="summary_concise")
+    assert concise.compare("POST", "GOOD summary", "other") == 1.0
+    assert server.state["requests"][0]["messages"][0]["content"].startswith(concise_question)
+    with pytest.raises(ValueError, match="unknown judge prompt"):
+        judge(server, tmp_path, task="concise")
 
 
 def test_win_rate_counts_ties_as_half_with_a_wilson_interval():
@@ -127,7 +169,8 @@ def test_proxy_judge_learns_held_out_preferences():
     model = tiny_gpt2(seed=0, n_embd=128).eval()
     good = ["thank you, here is how", "sure, happy to help", "great question, first", "yes, you can do it"]
     bad = ["no.", "go away!!", "???", "whatever..."]
-    records = [{"prompt": f"Q{i}:", "chosen": " " + good[i % 4] + f" {i}", "rejected": " " + bad[(i // 4) % 4] + f" {i}"}
+    records = [{"prompt": f"Q{i}:", "chosen": " " + good[i % 4] + f" {i}",
+                "rejected": " " + bad[(i // 4) % 4] + f" {i}"}
                for i in range(64)]
     proxy = ProxyJudge(model, tokenizer, records)
     assert proxy.accuracy > 0.8
@@ -148,3 +191,13 @@ def test_score_verdicts_call_identical_texts_and_round_off_ties():
     from minidpo.judges import _score_verdicts
     assert _score_verdicts(["same", "x", "y", "z"], ["same", "w", "v", "u"],
                            [0.3, 1.00001, 2.0, 0.0], [0.2, 1.0, 1.0, 1.0]) == [0.5, 0.5, 1.0, 0.0]
+
+
+def test_proxy_judge_without_pairs_is_a_clear_error_not_a_crash():
+    """At paper scale judge_pairs was 0, and fitting on no pairs failed inside torch.cat."""
+    from minidpo.experiments import winrate
+    from minidpo.models import byte_tokenizer, tiny_gpt2
+    with pytest.raises(ValueError, match="at least 2 preference pairs.*judge_pairs"):
+        ProxyJudge(tiny_gpt2(seed=0).eval(), byte_tokenizer(), [])
+    for task in ("tldr", "hh"):
+        assert winrate.scales(task)["paper"].judge_pairs >= 1000  # the default judge has pairs to fit on

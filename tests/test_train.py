@@ -289,15 +289,15 @@ def test_precompute_scores_each_distinct_sequence_once_and_exactly(tokenizer, mo
     examples, _ = minidpo.tokenize_records(tokenizer, records)
     model = dpo.frozen_copy(tiny_gpt2())
     scored = []
-    real = dpo.concatenated_forward
+    real = dpo.batch_logps
 
-    def counting(m, batch, average=False):
-        scored.append(2 * batch["chosen_input_ids"].shape[0])
-        return real(m, batch, average=average)
+    def counting(m, input_ids, *args, **kwargs):
+        scored.append(input_ids.shape[0])
+        return real(m, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(dpo, "concatenated_forward", counting)
+    monkeypatch.setattr(dpo, "batch_logps", counting)
     chosen, rejected = dpo.precompute_reference_logps(model, examples, tokenizer.pad_token_id, "cpu", batch_size=2)
-    assert sum(scored) == 10  # 9 distinct sequences, the odd one out scored twice in its pair
+    assert sum(scored) == 9 and max(scored) == 4  # 9 distinct sequences, 2 x batch_size at a time
     with torch.no_grad():
         for i, ex in enumerate(examples):
             for kind, got in (("chosen", chosen[i]), ("rejected", rejected[i])):

@@ -1,54 +1,175 @@
-"""SFT, and the TL;DR and HH win-rate experiments at smoke scale."""
+"""The TL;DR and HH win-rate experiments: what is compared with what, the baselines, and a smoke run."""
 
+import copy
+import dataclasses
 import json
-import math
+import os
 
 import pytest
 import torch
 
-from minidpo.dpo import IGNORE_INDEX
+from minidpo.data import split_hh
 from minidpo.experiments import winrate
 from minidpo.models import byte_tokenizer, tiny_neox
-from minidpo.sft import pad_sft, sft_loss, sft_train, tokenize_sft
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-def test_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
-    ex = tokenize_sft(tokenizer, "Q: hi", " A: hello")
-    n = len(tokenizer("Q: hi")["input_ids"])
-    assert ex["labels"][:n] == [IGNORE_INDEX] * n
-    assert ex["labels"][n:] == tokenizer(" A: hello")["input_ids"] + [tokenizer.eos_token_id]
-    # An empty prompt (plain language modelling) starts from EOS, which is not predicted.
-    plain = tokenize_sft(tokenizer, "", "review")
-    assert plain["input_ids"][0] == tokenizer.eos_token_id and plain["labels"][0] == IGNORE_INDEX
+def count_model_copies(monkeypatch):
+    """Count deep copies of whole models (not of their parts) made from here on."""
+    copies, depth, original = [], [0], copy.deepcopy
 
+    def counting(obj, *args, **kwargs):
+        if depth[0] == 0 and isinstance(obj, torch.nn.Module):
+            copies.append(type(obj).__name__)
+        depth[0] += 1
+        try:
+            return original(obj, *args, **kwargs)
+        finally:
+            depth[0] -= 1
 
-def test_sft_loss_is_the_response_nll_per_token(tokenizer):
-    model = tiny_neox(seed=0)
-    ids, mask, labels = pad_sft([tokenize_sft(tokenizer, "Q: hi", " A: hello")], tokenizer.pad_token_id)
-    logits = model(ids).logits[0, :-1].log_softmax(-1)
-    targets = labels[0, 1:]
-    keep = targets != IGNORE_INDEX
-    expected = -logits[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
-    torch.testing.assert_close(sft_loss(model, ids, mask, labels), expected)
-
-
-def test_sft_loss_decreases_on_the_smoke_data(tokenizer):
-    from minidpo.data import load_preferences
-    records = [{"prompt": r["prompt"], "response": r["chosen"]}
-               for r in load_preferences(winrate.scales("hh")["smoke"].dataset).select(range(32))]
-    losses = sft_train(tiny_neox(seed=0), tokenizer, records, steps=12, batch_size=8, lr=3e-3)
-    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    return copies
 
 
 @pytest.mark.parametrize("task", ["tldr", "hh"])
-def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task):
+def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, monkeypatch, capsys):
+    copies = count_model_copies(monkeypatch)
     results = winrate.run(task, "smoke", out=str(tmp_path))
     rows = [json.loads(line) for line in open(results)]
-    temperatures = set(winrate.scales(task)["smoke"].temperatures)
+    scale = winrate.scales(task)["smoke"]
+    temperatures = set(scale.temperatures)
+    base = "two_shot" if task == "hh" else "base"
+    assert {r["temperature"] for r in rows if r["method"] == base} == (temperatures if task == "hh" else {0.0})
     for method in ("preferred_ft", "dpo"):
         assert {r["temperature"] for r in rows if r["method"] == method} == temperatures
-    assert any(r["method"] == "dpo" and 0 < r["step"] < 6 for r in rows)  # the win rate along training
+    best = [r for r in rows if r["method"] == "best_of_n"]
+    assert {r["temperature"] for r in best} == temperatures - {0.0} and {r["best_of"] for r in best} == {4}
+    # DPO's win rate along training, at every temperature (Fig. 3 right)
+    assert {r["temperature"] for r in rows if r["method"] == "dpo" and 0 < r["step"] < scale.dpo_steps} == temperatures
     assert all(0 <= r["low"] <= r["win_rate"] <= r["high"] <= 1 and r["invalid"] == 0 for r in rows)
     assert (tmp_path / "win_rates.png").stat().st_size > 10_000
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["beta"] == (0.5 if task == "tldr" else 0.1) and summary["sft_loss"][1] < summary["sft_loss"][0]
+    assert 0 <= summary["reward_model_heldout_accuracy"] <= 1
+    # one model trained in place; the only copies: the offline judge's, and DPO's reference while it precomputes
+    assert len(copies) == 2, copies
+    out = capsys.readouterr().out
+    assert out.index("memory estimate per stage") < out.index("SFT: loss")
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    if task == "hh":
+        assert all(winrate.is_single_turn(s["prompt"]) for s in samples)
+        assert all("\n\nHuman" not in s["response"] for s in samples if s["method"] == "two_shot")
+
+
+def test_hh_test_prompts_are_single_turn_and_never_trained_on():
+    scale = winrate.scales("hh")["smoke"]
+    data = winrate.load_data(scale, seed=0)
+    assert len(data.test) == scale.test_prompts
+    assert all(winrate.is_single_turn(r["prompt"]) for r in data.test)
+    test_prompts = {r["prompt"] for r in data.test}
+    assert not test_prompts & {r["prompt"] for r in data.train + data.judge + data.sft}
+    # Preferred-FT: the chosen responses of every training record
+    assert data.sft == [{"prompt": r["prompt"], "response": r["chosen"]} for r in data.train]
+    multi_turn = dataclasses.replace(scale, single_turn=False)
+    assert any(not winrate.is_single_turn(r["prompt"]) for r in winrate.load_data(multi_turn, seed=0).train)
+
+
+def hh_folder(tmp_path):
+    """A stand-in for Anthropic/hh-rlhf with a test split sorted by its text, as hub splits often are."""
+    lines = open(os.path.join(os.path.dirname(winrate.__file__), "..", "bundled", "hh.jsonl")).read().splitlines()
+    folder = tmp_path / "hh"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(lines[:160]) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(sorted(lines[160:])) + "\n")
+    return str(folder), [json.loads(line) for line in sorted(lines[160:])]
+
+
+def test_test_prompts_are_a_seeded_sample_of_the_test_split(tmp_path):
+    folder, test_rows = hh_folder(tmp_path)
+    scale = dataclasses.replace(winrate.scales("hh")["smoke"], dataset=folder, test_split="test", test_prompts=8)
+    eligible = [split_hh(r["chosen"], r["rejected"]) for r in test_rows]
+    eligible = [(prompt, chosen) for prompt, chosen, _ in eligible if winrate.is_single_turn(prompt)]
+    sample = [(r["prompt"], r["reference"]) for r in winrate.load_data(scale, seed=0).test]
+    assert len(sample) == 8 and set(sample) <= set(eligible)  # judged against the test split's chosen response
+    assert sample != eligible[:8]  # not the first rows
+    assert sample == [(r["prompt"], r["reference"]) for r in winrate.load_data(scale, seed=0).test]
+    assert sample != [(r["prompt"], r["reference"]) for r in winrate.load_data(scale, seed=1).test]
+
+
+def tldr_sft_folder(tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "tldr_sft.jsonl"))]
+    folder = tmp_path / "tldr_sft"
+    folder.mkdir()
+    for split, part in (("train", rows[:4]), ("test", rows[4:])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return str(folder), rows[:4], rows[4:]
+
+
+def test_tldr_fine_tunes_on_human_summaries_and_is_judged_against_the_test_references(tmp_path):
+    folder, train_rows, test_rows = tldr_sft_folder(tmp_path)
+    overrides = dict(sft_dataset=folder, sft_test_split="test", test_prompts=2)
+    data = winrate.load_data(dataclasses.replace(winrate.scales("tldr")["smoke"], **overrides), seed=0)
+    assert data.sft == [{"prompt": r["prompt"], "response": " " + r["label"]} for r in train_rows]
+    assert sorted((r["prompt"], r["reference"]) for r in data.test) == sorted(
+        (r["prompt"], " " + r["label"]) for r in test_rows)
+    assert len(data.train) == 96  # the preference pairs stay the comparisons
+    results = winrate.run("tldr", "smoke", out=str(tmp_path / "run"), sft_steps=2, dpo_steps=2, eval_every=0,
+                          best_of_n=0, **overrides)
+    methods = {json.loads(line)["method"] for line in open(results)}
+    assert methods == {"base", "sft", "dpo"}  # the reference policy is SFT, not Preferred-FT
+    baselines = {json.loads(line)["baseline"] for line in open(tmp_path / "run" / "samples.jsonl")}
+    assert baselines == {" " + r["label"] for r in test_rows}
+
+
+def test_two_shot_prompt_template():
+    prompt = "\n\nHuman: How do I fix a flat bike tyre?\n\nAssistant:"
+    text = winrate.two_shot_prompt(prompt)
+    assert text.startswith("\n\nHuman: ") and text.endswith(prompt)
+    assert text.count("\n\nHuman:") == 3 and text.count("\n\nAssistant:") == 3
+    examples = text[:-len(prompt)]
+    first, second = examples.split("\n\nHuman:")[1:]
+    for exchange in (first, second):  # two complete single-turn dialogues in the dataset's own format
+        question, answer = exchange.split("\n\nAssistant:")
+        assert question.strip().endswith("?") and len(answer.strip()) > 40
+    assert winrate.end_of_turn(" Patch it.\n\nHuman: thanks\n\nAssistant: ok") == " Patch it."
+    assert winrate.end_of_turn(" Patch it.\n\nAssistant: also") == " Patch it."
+    assert winrate.end_of_turn(" Patch the tube.  \n") == " Patch the tube."
+
+
+def test_best_of_n_returns_the_candidate_the_reward_ranks_highest():
+    tokenizer = byte_tokenizer()
+    model = tiny_neox(vocab_size=len(tokenizer), seed=0).eval()
+    prompts = ["Q: one", "Q: two", "Q: three"]
+    reward = lambda ps, rs: [sum(r.count(c) for c in "aeiou") - 0.01 * len(r) for r in rs]  # noqa: E731
+    best, candidates, scores = winrate.best_of_n(model, tokenizer, prompts, 5, 12, 1.0, reward, seed=3)
+    assert [len(c) for c in candidates] == [5, 5, 5]
+    assert all(len(set(c)) > 1 for c in candidates)  # n samples, not one sample n times
+    for chosen, group, group_scores in zip(best, candidates, scores):
+        assert group_scores == reward(None, group) and chosen == group[group_scores.index(max(group_scores))]
+    only, _, _ = winrate.best_of_n(model, tokenizer, prompts, 1, 12, 1.0, reward, seed=3)
+    assert only == [s["completion"] for s in winrate.generate(model, tokenizer, prompts, 12, 1.0, seed=3)]
+
+
+def test_the_judge_copies_the_base_model_only_when_it_needs_it(monkeypatch, tmp_path):
+    tokenizer = byte_tokenizer()
+    base = tiny_neox(vocab_size=len(tokenizer), seed=0)
+    copies = count_model_copies(monkeypatch)
+    records = [{"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": f" no!! {i}"} for i in range(8)]
+    proxy = winrate.make_judge("proxy", "tldr", base, tokenizer, records, str(tmp_path))
+    assert len(copies) == 1 and proxy.model is not base and not any(p.requires_grad for p in proxy.model.parameters())
+    api = winrate.make_judge("api", "hh", base, tokenizer, [], str(tmp_path))
+    concise = winrate.make_judge("api", "tldr", base, tokenizer, [], str(tmp_path), prompt="concise")
+    assert len(copies) == 1 and api.field == "More helpful" and "precise and concise" in concise.template
+    with pytest.raises(ValueError, match="concise"):
+        winrate.make_judge("api", "hh", base, tokenizer, [], str(tmp_path), prompt="concise")
+    with pytest.raises(ValueError, match="judge_pairs"):  # paper scale once gave it none and crashed in torch.cat
+        winrate.make_judge("proxy", "tldr", base, tokenizer, [], str(tmp_path))
+
+
+def test_scale_overrides_parse_booleans():
+    assert winrate.parse_scale_overrides(["gradient_checkpointing=false", "best_of_n=2", "dtype=bf16"]) == {
+        "gradient_checkpointing": False, "best_of_n": 2, "dtype": "bf16"}
+    assert winrate.parse_scale_overrides(["single_turn=true"]) == {"single_turn": True}
+    with pytest.raises(SystemExit):
+        winrate.parse_scale_overrides(["single_turn=yes"])

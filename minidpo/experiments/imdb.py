@@ -1,16 +1,17 @@
 """The IMDb sentiment experiment (paper Fig. 2 left): the reward-vs-KL frontier of every method.
 
     python -m minidpo.experiments.imdb --scale smoke     # tiny random GPT-2, toy reward: ~1 minute
-    python -m minidpo.experiments.imdb --scale laptop    # SmolLM2-135M-Instruct + VADER, offline: ~18 minutes on 2 cores
+    python -m minidpo.experiments.imdb --scale laptop    # SmolLM2-135M-Instruct + VADER, offline, 2 CPU cores
     python -m minidpo.experiments.imdb --scale paper     # gpt2-large SFT on IMDb + siebert classifier, on a GPU
 
 1. prompts: review prefixes of 2-8 tokens, split into training and held-out prefixes;
 2. the reference policy: the model as shipped (smoke, laptop), or fine-tuned on IMDb reviews (paper);
 3. preference pairs: 4 samples per training prefix from the reference, all 6 pairs ranked by the
-   ground-truth reward (ties dropped and counted);
-4. methods, all from the same reference on the same pairs: DPO (beta sweep, the core train()),
-   Preferred-FT, Unlikelihood (alpha sweep), PPO with a learned Bradley-Terry reward model, PPO-GT
-   with the ground-truth reward, Best-of-N with the learned reward model;
+   ground-truth reward (ties and empty completions dropped and counted);
+4. methods, all from the same reference on the same pairs, every policy with dropout off: DPO (beta
+   sweep, the core train()), Preferred-FT, Unlikelihood (alpha sweep; the paper's sequence-level form),
+   PPO with a learned Bradley-Terry reward model (the LM with a scalar head, Eq. 2) and PPO-GT with the
+   ground-truth reward, each at every target KL, Best-of-N with the learned reward model;
 5. every few steps, each policy is sampled on the held-out prefixes: mean ground-truth reward and mean
    sequence-level KL(pi || pi_ref) (the sum of exact per-token KLs along the policy's samples);
 6. results.jsonl (one row per method, hyper-parameter and step) and frontier.png.
@@ -22,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -30,13 +32,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import dpo
-from ..baselines import best_of_n_kl, train_baseline
+from ..baselines import BASELINES, best_of_n_kl, train_baseline
+from ..bundled import bundled_path
 from ..models import freeze_all_but_top, load_model
 from ..ppo import PPOConfig, ppo_train
-from ..reward_model import LinearRewardModel, completion_features
+from ..reward_model import RewardModelConfig, train_reward_model
 from ..sampling import generate, sequence_kl
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -51,30 +52,35 @@ class Scale:
     ppo_eval_every: int  # evaluate PPO every N iterations
     batch_size: int  # pairs per step
     lr: float  # DPO / Preferred-FT / Unlikelihood learning rate (AdamW)
-    dpo_betas: tuple = (0.1, 1.0)
-    ul_alphas: tuple = (0.1, 1.0)
-    ppo_targets: tuple = (6.0,)  # PPO-GT target KLs; PPO (learned reward) uses the first
+    dpo_betas: tuple[float, ...] = (0.1, 1.0)
+    ul_alphas: tuple[float, ...] = (0.1, 1.0)
+    ppo_targets: tuple[float, ...] = (6.0,)  # target KLs of PPO-GT and PPO (learned reward) alike
     ppo: dict = field(default_factory=dict)  # PPOConfig overrides
-    best_of: tuple = (4, 16)
+    reward_model: dict = field(default_factory=dict)  # RewardModelConfig overrides (the learned reward)
+    best_of: tuple[int, ...] = (4, 16)
     train_layers: int = 0  # train only the top N transformer blocks (0: all)
     rpo_alpha: float = 1.0  # the extra DPO run with an NLL term, for the training-dynamics plot (0: skip)
-    sft_steps: int = 0  # paper scale: fine-tune the reference on IMDb reviews first
+    sft_epochs: float = 0.0  # paper scale: fine-tune the reference on IMDb train reviews first (the paper: 1)
+    sft_batch_size: int = 8
     samples: int = 4  # reference samples per training prefix
     imdb: str = "stanfordnlp/imdb"  # paper scale: the IMDb dataset (hub name or local file)
 
 
 SCALES = {
     "smoke": Scale(model="tiny", reward="toy", train_prompts=12, eval_prompts=8, new_tokens=12, steps=8, eval_every=4,
-                   ppo_eval_every=2, batch_size=8, lr=3e-3, ppo=dict(iterations=4, rollouts=8, minibatch=4, ppo_epochs=2, lr=3e-3),
-                   best_of=(4,)),
+                   ppo_eval_every=2, batch_size=8, lr=3e-3,
+                   ppo=dict(iterations=4, rollouts=8, minibatch=4, ppo_epochs=2, lr=3e-3),
+                   reward_model=dict(epochs=2, batch_size=8, lr=1e-3, eval_every=4), best_of=(4,)),
     "laptop": Scale(model="smollm2", reward="vader", train_prompts=64, eval_prompts=32, new_tokens=24, steps=32,
                     eval_every=16, ppo_eval_every=4, batch_size=8, lr=1e-4, train_layers=4,
-                    ppo=dict(iterations=8, rollouts=32, minibatch=8, ppo_epochs=2, lr=2e-5)),
+                    ppo=dict(iterations=8, rollouts=32, minibatch=8, ppo_epochs=2, lr=2e-5),
+                    reward_model=dict(epochs=3, batch_size=8, lr=5e-5, train_layers=4, eval_every=16)),
     "paper": Scale(model="gpt2-large", reward="siebert/sentiment-roberta-large-english", train_prompts=25_000,
-                   eval_prompts=512, new_tokens=48, steps=1500, eval_every=100, ppo_eval_every=10, batch_size=64, lr=1e-6,
+                   eval_prompts=512, new_tokens=48, steps=1500, eval_every=100, ppo_eval_every=10, batch_size=64,
+                   lr=1e-6,
                    dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.05, 0.1, 0.5, 1.0), ppo_targets=(3.0, 6.0, 9.0, 12.0),
                    ppo=dict(iterations=200, rollouts=64, minibatch=16, lr=1.4e-5), best_of=(4, 16, 64, 128),
-                   sft_steps=2000),
+                   reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=100), sft_epochs=1.0),
 }
 
 
@@ -96,15 +102,30 @@ def load_reward(scale, device):
 def load_prompts(scale, tokenizer, seed):
     """(training prefixes, held-out prefixes)."""
     if scale.model in ("tiny", "smollm2"):
-        with open(os.path.join(REPO, "data", "imdb_prefixes.txt")) as f:
+        with open(bundled_path("imdb_prefixes.txt")) as f:
             prefixes = [line.strip() for line in f if line.strip()]
     else:
         from ..data import load_imdb
-        prefixes = load_imdb(scale.imdb, split="train", tokenizer=tokenizer, seed=seed)["prompt"]
-        held_out = load_imdb(scale.imdb, split="test", tokenizer=tokenizer, seed=seed + 1)["prompt"]
-        return prefixes[:scale.train_prompts], held_out[:scale.eval_prompts]
+        return (sample_prefixes(load_imdb(scale.imdb, split="train")["text"], scale.train_prompts, tokenizer, seed),
+                sample_prefixes(load_imdb(scale.imdb, split="test")["text"], scale.eval_prompts, tokenizer, seed + 1))
     random.Random(seed).shuffle(prefixes)
     return prefixes[:scale.train_prompts], prefixes[scale.train_prompts:scale.train_prompts + scale.eval_prompts]
+
+
+def sample_prefixes(texts, n, tokenizer, seed):
+    """Prefixes (2-8 tokens) of n reviews drawn, seeded and without replacement, from the whole split:
+    the hub's IMDb splits are sorted by label, so their first rows are all negative reviews."""
+    from ..data import imdb_prefixes
+    rows = random.Random(seed).sample(range(len(texts)), min(n, len(texts)))
+    return imdb_prefixes([texts[i] for i in rows], tokenizer, seed=seed)
+
+
+def drop_empty(completions, rewards):
+    """Remove the empty and whitespace-only completions before pairing: there is no response to prefer
+    or to fine-tune on (DPO and SFT reject them). Lists of P lists of S -> (completions, rewards, dropped)."""
+    kept = [[(c, r) for c, r in zip(comps, rs) if c.strip()] for comps, rs in zip(completions, rewards)]
+    dropped = sum(map(len, completions)) - sum(map(len, kept))
+    return [[c for c, _ in k] for k in kept], [[r for _, r in k] for k in kept], dropped
 
 
 def preference_pairs(prompts, completions, rewards):
@@ -117,9 +138,9 @@ def preference_pairs(prompts, completions, rewards):
                 if rs[i] == rs[j] or comps[i] == comps[j]:
                     ties += 1
                     continue
-                w, l = (i, j) if rs[i] > rs[j] else (j, i)
-                records.append({"prompt": prompt, "chosen": comps[w], "rejected": comps[l],
-                                "reward_chosen": rs[w], "reward_rejected": rs[l]})
+                w, r = (i, j) if rs[i] > rs[j] else (j, i)
+                records.append({"prompt": prompt, "chosen": comps[w], "rejected": comps[r],
+                                "reward_chosen": rs[w], "reward_rejected": rs[r]})
     return records, ties
 
 
@@ -165,12 +186,14 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     torch.manual_seed(seed)
 
     reference, tokenizer = load_policy(scale, device)
+    # Dropout off in every policy, in training and in measurement (as DPO, the authors' code and TRL do):
+    # every policy is a copy of this one, so KL(pi || pi_ref) starts at exactly 0 for every method.
+    dpo.disable_dropout(reference)
     reward_fn = load_reward(scale, device)
-    if scale.sft_steps:  # paper scale: the reference is the model fine-tuned on IMDb reviews
-        from ..data import load_imdb
-        from ..sft import sft_train
-        texts = load_imdb(scale.imdb, split="train")["text"]
-        sft_train(reference, tokenizer, [{"prompt": "", "response": t} for t in texts], steps=scale.sft_steps)
+    if scale.sft_epochs:  # paper scale: the reference is the model fine-tuned on IMDb train reviews
+        summary_sft = sft_reference(reference, tokenizer, scale, seed)
+        print(f"[{time.time() - started:5.0f}s] reference: SFT on {summary_sft['reviews']} reviews, "
+              f"{summary_sft['steps']} steps")
     reference.eval().requires_grad_(False)
     train_prompts, eval_prompts = load_prompts(scale, tokenizer, seed)
     evaluate = Evaluator(reference, tokenizer, eval_prompts, reward_fn, scale.new_tokens, results_path, seed)
@@ -179,24 +202,31 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     # Preference pairs: 4 reference samples per prefix, ranked by the ground-truth reward.
     samples = generate(reference, tokenizer, [p for p in train_prompts for _ in range(scale.samples)],
                        scale.new_tokens, seed=seed)
-    completions = [[s["completion"] for s in samples[i:i + scale.samples]] for i in range(0, len(samples), scale.samples)]
-    rewards = [evaluate.score(samples[i:i + scale.samples]) for i in range(0, len(samples), scale.samples)]
+    groups = [samples[i:i + scale.samples] for i in range(0, len(samples), scale.samples)]
+    completions = [[s["completion"] for s in group] for group in groups]
+    rewards = [evaluate.score(group) for group in groups]
+    completions, rewards, empty = drop_empty(completions, rewards)
     pairs, ties = preference_pairs(train_prompts, completions, rewards)
     with open(os.path.join(out, "pairs.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
-    print(f"[{time.time() - started:5.0f}s] {len(pairs)} preference pairs ({ties} ties dropped)")
-    summary = {"scale": scale_name, "config": asdict(scale), "pairs": len(pairs), "ties": ties}
+    print(f"[{time.time() - started:5.0f}s] {len(pairs)} preference pairs ({ties} ties and {empty} empty "
+          f"completions dropped)")
+    summary = {"scale": scale_name, "seed": seed, "config": asdict(scale), "pairs": len(pairs), "ties": ties,
+               "empty_completions": empty}
+    if scale.sft_epochs:
+        summary["sft"] = summary_sft
 
     base = evaluate(reference, "reference", "-", 0)
 
-    def fresh_policy():
+    def fresh_policy():  # a copy of the reference: dropout already off
         return freeze_all_but_top(copy.deepcopy(reference).requires_grad_(True).train(), scale.train_layers)
 
     def evaluating(method, param, every=scale.eval_every):
         return lambda step, policy: evaluate(policy, method, param, step) if step and step % every == 0 else None
 
     if "dpo" in methods:
-        runs = [(beta, 0.0) for beta in scale.dpo_betas] + ([(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else [])
+        runs = [(beta, 0.0) for beta in scale.dpo_betas]
+        runs += [(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else []
         for beta, rpo in runs:
             name = "dpo" if not rpo else "dpo+nll"
             config = dpo.TrainConfig(out=os.path.join(out, f"{name}-beta{beta}"), beta=beta, rpo_alpha=rpo,
@@ -207,7 +237,8 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
             dpo.train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
                       callback=evaluating(name, beta))
             print(f"[{time.time() - started:5.0f}s] {name} beta={beta} done")
-    for method, params in (("preferred_ft", [None]), ("unlikelihood", scale.ul_alphas)):
+    for method in BASELINES:  # unlikelihood_token (Welleck's bounded form) runs only when asked for
+        params = [None] if method == "preferred_ft" else scale.ul_alphas
         if method in methods:
             for alpha in params:
                 train_baseline(method, fresh_policy(), tokenizer, pairs, steps=scale.steps, batch_size=scale.batch_size,
@@ -215,28 +246,23 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
                                callback=evaluating(method, alpha if alpha is not None else "-"))
                 print(f"[{time.time() - started:5.0f}s] {method} {alpha} done")
 
-    # A Bradley-Terry reward model (Eq. 2) on the same pairs, for PPO and Best-of-N.
-    reward_model = None
+    # A Bradley-Terry reward model (Eq. 2) on the same pairs, for PPO and Best-of-N: the reference with a
+    # scalar head, its best validation checkpoint kept, its accuracy measured on pairs of held-out prompts.
     if {"ppo", "best_of_n"} & set(methods):
-        as_samples = lambda key: [{"prompt_ids": tokenizer(p["prompt"], add_special_tokens=False)["input_ids"],  # noqa: E731
-                                   "completion_ids": tokenizer(p[key], add_special_tokens=False)["input_ids"]}
-                                  for p in pairs]
-        fc = completion_features(reference, as_samples("chosen"), tokenizer.pad_token_id)
-        fr = completion_features(reference, as_samples("rejected"), tokenizer.pad_token_id)
-        cut = int(0.8 * len(pairs))
-        reward_model = LinearRewardModel(fc.shape[1]).fit(fc[:cut], fr[:cut])
-        summary["reward_model_heldout_accuracy"] = reward_model.accuracy(fc[cut:], fr[cut:])
-        reward_model.fit(fc, fr)
-        print(f"[{time.time() - started:5.0f}s] reward model: held-out pair accuracy "
-              f"{summary['reward_model_heldout_accuracy']:.3f}")
+        rm_config = RewardModelConfig(**{"train_layers": scale.train_layers, "seed": seed, **scale.reward_model})
+        reward_model, report = train_reward_model(reference, tokenizer, pairs, rm_config)
+        summary["reward_model_heldout_accuracy"] = report["test_accuracy"]
+        summary["reward_model"] = report
+        print(f"[{time.time() - started:5.0f}s] reward model (kept step {report['step']} of {report['steps']}): "
+              f"validation accuracy {report['val_accuracy']:.3f}, held-out pair accuracy "
+              f"{report['test_accuracy']:.3f} on {report['pairs']['test']} pairs")
 
         def learned_reward(batch):
-            return reward_model(completion_features(reference, batch, tokenizer.pad_token_id)).tolist()
+            return reward_model.score([s["prompt"] for s in batch], [s["completion"] for s in batch])
 
     for method in ("ppo_gt", "ppo"):
         if method in methods:
-            targets = scale.ppo_targets if method == "ppo_gt" else scale.ppo_targets[:1]
-            for target in targets:
+            for target in scale.ppo_targets:  # the same targets with the ground truth and the learned reward
                 config = PPOConfig(max_new_tokens=scale.new_tokens, target_kl=target, seed=seed, **scale.ppo)
                 score = evaluate.score if method == "ppo_gt" else learned_reward
                 ppo_train(fresh_policy(), reference, tokenizer, train_prompts, score, config,
@@ -250,8 +276,9 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
             scores = learned_reward(candidates)
             best = [max(range(i, i + n), key=lambda k: scores[k]) for i in range(0, len(candidates), n)]
             gt = evaluate.score([candidates[k] for k in best])
+            example = candidates[best[0]]["prompt"] + candidates[best[0]]["completion"]
             evaluate.write({"method": "best_of_n", "param": n, "step": 0, "reward": sum(gt) / len(gt),
-                            "kl": best_of_n_kl(n), "example": candidates[best[0]]["prompt"] + candidates[best[0]]["completion"]})
+                            "kl": best_of_n_kl(n), "example": example})
 
     summary["seconds"] = time.time() - started
     summary["reference"] = {"reward": base["reward"], "kl": base["kl"]}
@@ -263,12 +290,25 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     if "dpo" in methods and scale.rpo_alpha:
         beta = scale.dpo_betas[0]
         import matplotlib.pyplot as plt
-        plt.close(plot_dynamics({"DPO": os.path.join(out, f"dpo-beta{beta}"),
-                                 f"DPO + NLL (rpo_alpha = {scale.rpo_alpha})": os.path.join(out, f"dpo+nll-beta{beta}")},
+        runs = {"DPO": os.path.join(out, f"dpo-beta{beta}"),
+                f"DPO + NLL (rpo_alpha = {scale.rpo_alpha})": os.path.join(out, f"dpo+nll-beta{beta}")}
+        plt.close(plot_dynamics(runs,
                                 title=f"DPO training dynamics, {scale_name} scale, β = {beta}",
                                 figure_path=os.path.join(out, "dynamics.png")))
     print(f"[{time.time() - started:5.0f}s] results: {results_path}\nfigure: {figure}")
     return results_path
+
+
+def sft_reference(reference, tokenizer, scale, seed):
+    """Fine-tune the reference in place on IMDb train reviews for scale.sft_epochs epochs (the paper:
+    one full epoch), dropout off. Returns {"reviews", "steps"}."""
+    from ..data import load_imdb
+    from ..sft import sft_train
+    texts = load_imdb(scale.imdb, split="train")["text"]
+    steps = math.ceil(scale.sft_epochs * len(texts) / scale.sft_batch_size)
+    sft_train(reference, tokenizer, [{"prompt": "", "response": t} for t in texts], steps=steps,
+              batch_size=scale.sft_batch_size, seed=seed)
+    return {"reviews": len(texts), "steps": steps, "batch_size": scale.sft_batch_size}
 
 
 def main(argv=None):
@@ -277,7 +317,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="output folder (default: runs/imdb-<scale>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=None,
-                        help="subset of: dpo preferred_ft unlikelihood ppo_gt ppo best_of_n")
+                        help="subset of: dpo preferred_ft unlikelihood unlikelihood_token ppo_gt ppo best_of_n")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override fields of the scale, e.g. --set model=gpt2 steps=200 dpo_betas=0.1,1")
     args = parser.parse_args(argv)
@@ -293,8 +333,9 @@ def parse_overrides(items, scale_class):
         if name not in types:
             raise SystemExit(f"unknown field {name!r}; fields: {', '.join(types)}")
         kind = str(types[name])
-        if "tuple" in kind:
-            out[name] = tuple(float(v) for v in value.split(",") if v)
+        if "tuple" in kind:  # tuple[int, ...] items as ints (best_of=4,16), others as floats
+            item_type = int if "int" in kind else float
+            out[name] = tuple(item_type(v) for v in value.split(",") if v.strip())
         elif "dict" in kind:
             out[name] = json.loads(value)
         elif "int" in kind:

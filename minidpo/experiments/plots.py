@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
-
-from ..dpo import read_jsonl
 
 COLORS = {"dpo": "C3", "dpo+nll": "C1", "preferred_ft": "C2", "unlikelihood": "C4", "ppo": "C0", "ppo_gt": "C9",
           "best_of_n": "C7", "reference": "k"}
-LABELS = {"dpo": "DPO", "dpo+nll": "DPO + NLL (rpo_alpha)", "preferred_ft": "Preferred-FT", "unlikelihood": "Unlikelihood",
-          "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT", "best_of_n": "Best-of-N", "reference": "reference"}
+LABELS = {"dpo": "DPO", "dpo+nll": "DPO + NLL (rpo_alpha)", "preferred_ft": "Preferred-FT",
+          "unlikelihood": "Unlikelihood", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT", "best_of_n": "Best-of-N",
+          "reference": "reference"}
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines results or metrics file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def upper_frontier(points):
@@ -94,7 +100,8 @@ def plot_win_rates(results_path, figure_path=None, title="win rate"):
                 final[r["temperature"]] = r  # the last row per temperature: the end of training
         ts = sorted(final)
         rates = [final[t]["win_rate"] for t in ts]
-        errors = [[final[t]["win_rate"] - final[t]["low"] for t in ts], [final[t]["high"] - final[t]["win_rate"] for t in ts]]
+        errors = [[final[t]["win_rate"] - final[t]["low"] for t in ts],
+                  [final[t]["high"] - final[t]["win_rate"] for t in ts]]
         left.errorbar(ts, rates, yerr=errors, marker="o", capsize=3, label=LABELS.get(method, method),
                       color=COLORS.get(method))
     left.axhline(0.5, color="grey", ls=":", lw=1)

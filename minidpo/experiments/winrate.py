@@ -2,22 +2,34 @@
 
     python -m minidpo.experiments.tldr --scale smoke|laptop|paper
     python -m minidpo.experiments.hh --scale smoke|laptop|paper
+    python -m minidpo.experiments.hh --scale paper --memory    # the memory estimate per stage, then exit
 
-1. Preferred-FT / SFT: fine-tune the base model on the preferred responses (HH: chosen; TL;DR: the
-   preferred summaries, standing in for the reference summaries of the SFT data) -> the reference policy;
-2. DPO from that reference with the core train() (TL;DR beta 0.5, HH beta 0.1);
-3. sampling on held-out prompts at temperatures 0 (greedy), 0.25, 0.5, 0.75, 1.0;
-4. judging against the dataset's preferred response of each held-out prompt: the offline ProxyJudge
-   (a Bradley-Terry reward model fitted on preference pairs that no policy trained on) by default, an
-   OpenAI-compatible GPT-4-style judge (--judge api) or a reward model (--judge <hf name>) at paper scale;
-5. win rates with Wilson intervals per method and temperature, and (HH) over DPO's training steps;
-6. results.jsonl, samples.jsonl, and the figures.
+1. the base model's baseline: TL;DR zero-shot (the prompt ends in "TL;DR:"); HH the paper's 2-shot
+   prompting (TWO_SHOT: two example dialogues before the prompt, the answer cut at the next turn);
+2. the reference policy: TL;DR SFT on human-written summaries (CarperAI/openai_summarize_tldr at paper
+   scale; the offline sets have none, so the preferred summaries stand in: Preferred-FT), HH
+   Preferred-FT on the chosen responses of every training record;
+3. Best-of-N: N samples of the reference per prompt, the one a Bradley-Terry reward model (Eq. 2)
+   fitted on the training pairs over the reference's features scores highest (the paper's Best-of-128);
+4. DPO from the reference with the core train() (TL;DR beta 0.5, HH beta 0.1), its win rate along
+   training at every temperature (Fig. 3 right);
+5. sampling at temperatures 0 (greedy) to 1 on held-out prompts: a seeded sample of the test split (HH:
+   of its single-turn dialogues, as Fig. 3), or carved out of an offline set that has no test split;
+6. judging against the test prompt's reference: the SFT data's human summary (TL;DR) or the chosen
+   response (HH). The offline ProxyJudge by default (a Bradley-Terry reward model fitted on pairs no
+   policy trained on), an OpenAI-compatible GPT-4-style judge (--judge api, --judge_prompt standard or
+   concise for TL;DR) or a reward model (--judge <hf name>);
+7. win rates with Wilson intervals; results.jsonl, samples.jsonl, summary.json and the figure.
+
+Memory: one model trains in place from base to SFT to DPO (DPO's frozen reference lives only while its
+log-probs are precomputed); a frozen copy of the base model exists only for the offline judge. The
+estimate per stage (minidpo.memory: weights, gradients, optimizer state, activations) is printed
+before the run starts; the paper scale uses bf16 autocast, gradient accumulation and checkpointing.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -27,82 +39,228 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import dpo
-from ..judges import ApiJudge, ProxyJudge, RewardModelJudge, win_rate
+from .. import dpo, memory
+from ..bundled import bundled_path
+from ..dpo import frozen_copy
+from ..judges import ApiJudge, FeatureRewardModel, ProxyJudge, RewardModelJudge, win_rate
 from ..models import freeze_all_but_top, load_model
 from ..sampling import generate
-from ..sft import sft_train
+from ..sft import autocast_for, checkpointing, sft_train
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
 class Scale:
     model: str  # "tiny" (GPT-NeoX, Pythia's architecture) | "smollm2" | a hub name or folder
-    dataset: str  # a load_preferences source
+    dataset: str  # the preference pairs: a load_preferences source
     split: str  # its training split
-    test_split: str  # its held-out split ("" : carve the held-out prompts out of `split`)
-    train_pairs: int  # pairs for SFT and DPO
+    test_split: str  # its held-out split ("": carve the held-out prompts out of `split`)
+    train_pairs: int  # pairs for SFT and DPO (0: all that are left)
     judge_pairs: int  # pairs for the offline judge only
-    test_prompts: int  # prompts the win rates are measured on
+    test_prompts: int  # prompts the win rates are measured on: a seeded sample
     new_tokens: int  # max new tokens per response
     sft_steps: int
     dpo_steps: int
-    batch_size: int
-    lr: float  # AdamW learning rate for SFT and DPO
+    batch_size: int  # sequences (SFT) or pairs (DPO) per optimizer step
+    lr: float  # learning rate for SFT (AdamW) and DPO
     eval_every: int = 0  # DPO steps between win-rate checkpoints (HH's Fig. 3 right); 0: only the end
     max_length: int = 512
     max_prompt_length: int = 384
     train_layers: int = 0  # train only the top N transformer blocks (0: all)
     temperatures: tuple = TEMPERATURES
+    sft_dataset: str = ""  # human-written SFT data (load_tldr_sft: prompt, label); "": the pairs' chosen responses
+    sft_split: str = "train"
+    sft_test_split: str = ""  # the SFT data's split for test prompts and references ("": carved out of sft_split)
+    single_turn: bool = False  # evaluate on single-turn dialogues only (HH, as the paper's Fig. 3)
+    best_of_n: int = 0  # N of the Best-of-N baseline (0: none)
+    reward_pairs: int = 0  # training pairs Best-of-N's reward model is fitted on (0: all)
+    grad_accum: int = 1  # micro-batches per optimizer step, SFT and DPO
+    dtype: str = "auto"  # auto (bf16 autocast on a GPU) | fp32 | bf16
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward
+    optimizer: str = "adamw"  # DPO's: adamw | rmsprop (the paper's)
+    warmup_steps: int = 0  # DPO's linear warmup (the paper: 150)
+    sample_batch: int = 32  # sequences sampled at once
 
 
 def scales(task):
-    data = os.path.join(REPO, "data", f"{task}.jsonl")
-    hub = {"tldr": ("openai/summarize_from_feedback", "train", "validation"), "hh": ("Anthropic/hh-rlhf", "train", "test")}
+    data = bundled_path(f"{task}.jsonl")
+    single_turn = task == "hh"
+    if task == "tldr":  # pairs from the comparisons; SFT data, test prompts and references from the SFT set
+        paper_data = dict(dataset="openai/summarize_from_feedback", split="train", test_split="",
+                          sft_dataset="CarperAI/openai_summarize_tldr", sft_split="train", sft_test_split="test")
+    else:  # pairs, SFT data (chosen) and test prompts (single-turn, references chosen) from one set
+        paper_data = dict(dataset="Anthropic/hh-rlhf", split="train", test_split="test")
     return {
         "smoke": Scale(model="tiny", dataset=data, split="train", test_split="", train_pairs=96, judge_pairs=64,
                        test_prompts=16, new_tokens=16, sft_steps=6, dpo_steps=6, batch_size=8, lr=3e-3, eval_every=3,
-                       max_length=448, max_prompt_length=384, temperatures=(0.0, 0.5, 1.0)),
+                       max_length=448, max_prompt_length=384, temperatures=(0.0, 0.5, 1.0), single_turn=single_turn,
+                       best_of_n=4),
         "laptop": Scale(model="smollm2", dataset=data, split="train", test_split="", train_pairs=128, judge_pairs=64,
                         test_prompts=32, new_tokens=32, sft_steps=24, dpo_steps=32, batch_size=8, lr=2e-5,
                         eval_every=16, max_length=192, max_prompt_length=144, train_layers=8,
                         # HH's figure is by method and over training: three temperatures save time (HH: 16 min, 2 cores)
-                        temperatures=TEMPERATURES if task == "tldr" else (0.0, 0.5, 1.0)),
-        "paper": Scale(model="EleutherAI/pythia-2.8b", dataset=hub[task][0], split=hub[task][1], test_split=hub[task][2],
-                       train_pairs=92_000, judge_pairs=0, test_prompts=256, new_tokens=128, sft_steps=2000,
-                       dpo_steps=1500, batch_size=64, lr=1e-6, eval_every=300),
+                        temperatures=TEMPERATURES if task == "tldr" else (0.0, 0.5, 1.0), single_turn=single_turn,
+                        best_of_n=8),
+        # One GPU (see memory_estimate): bf16 autocast, micro-batches of 8 (SFT) / 8 pairs (DPO), gradient
+        # checkpointing, the paper's RMSprop with 150 warmup steps for DPO. Best-of-16 (the paper: 128, 8x the cost).
+        "paper": Scale(model="EleutherAI/pythia-2.8b", **paper_data, train_pairs=0, judge_pairs=2000, test_prompts=256,
+                       new_tokens=128, sft_steps=2000, dpo_steps=1500, batch_size=64, lr=1e-6, eval_every=300,
+                       single_turn=single_turn, best_of_n=16, reward_pairs=8192, grad_accum=8,
+                       gradient_checkpointing=True, optimizer="rmsprop", warmup_steps=150),
     }
+
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+
+# The paper's base-model baseline for HH (Fig. 3, "Pythia-2.8B 2-shot"): the base model prompted with two
+# example dialogues in the dataset's own format, then the test dialogue.
+TWO_SHOT = (f"{HUMAN} What is a good way to keep cut flowers fresh for longer?"
+            f"{ASSISTANT} Trim the stems at an angle, change the water every day or two, and keep the vase out of "
+            "direct sunlight and away from ripe fruit."
+            f"{HUMAN} Can you explain what a leap year is?"
+            f"{ASSISTANT} A leap year has 366 days instead of 365. The extra day, February 29, keeps the calendar in "
+            "step with the Earth's orbit, which takes about 365.25 days.")
+
+
+def two_shot_prompt(prompt):
+    """The 2-shot prompt for an HH prompt ("\\n\\nHuman: ...\\n\\nAssistant:"): the two examples, then it."""
+    return TWO_SHOT + prompt
+
+
+def end_of_turn(response):
+    """A base model's answer up to the next turn it goes on to write itself ("\\n\\nHuman: ..."), stripped of
+    trailing whitespace."""
+    for turn in (HUMAN, ASSISTANT, HUMAN.rstrip(":"), ASSISTANT.rstrip(":")):
+        response = response.split(turn)[0]
+    return response.rstrip()
+
+
+def is_single_turn(prompt):
+    """One Human turn: the single-turn dialogues of the paper's Fig. 3."""
+    return prompt.count(HUMAN) == 1
+
+
+def seeded_sample(records, k, seed):
+    """k records drawn without replacement by a seeded generator (all of them if fewer)."""
+    return random.Random(seed).sample(list(records), min(k, len(records)))
 
 
 def load_base(scale, device):
     return load_model(scale.model, device, tiny="neox", max_position_embeddings=1024)
 
 
-def split_data(scale, seed):
-    """(train records, judge records, test records) from the scale's preference source."""
-    from ..data import load_preferences
-    records = list(load_preferences(scale.dataset, split=scale.split, skip_invalid=True))
-    random.Random(seed).shuffle(records)
-    if scale.test_split:
-        test = list(load_preferences(scale.dataset, split=scale.test_split, skip_invalid=True))[:scale.test_prompts]
+@dataclass
+class Data:
+    train: list  # {"prompt", "chosen", "rejected"}: DPO's pairs (and Preferred-FT's chosen responses)
+    judge: list  # pairs for the offline judge, used by no policy
+    test: list  # {"prompt", "reference"}: what the win rates are measured on, against the reference
+    sft: list  # {"prompt", "response"}: what the reference policy is fine-tuned on
+
+
+def load_data(scale, seed):
+    """Every record a run uses, from the scale's sources (see Data). Test prompts are a seeded sample of
+    the test split (HH: of its single-turn dialogues), or are carved out of the shuffled training
+    source when it has none; they never appear in training."""
+    from ..data import load_preferences, load_tldr_sft
+    pairs = list(load_preferences(scale.dataset, split=scale.split, skip_invalid=True))
+    random.Random(seed).shuffle(pairs)
+    eligible = (lambda r: is_single_turn(r["prompt"])) if scale.single_turn else (lambda r: True)
+    sft = None
+    if scale.sft_dataset:  # TL;DR: human-written summaries to fine-tune on and to compare against
+        sft = list(load_tldr_sft(scale.sft_dataset, scale.sft_split, skip_invalid=True))
+        if scale.sft_test_split:
+            test = seeded_sample(load_tldr_sft(scale.sft_dataset, scale.sft_test_split, skip_invalid=True),
+                                 scale.test_prompts, seed)
+        else:
+            test = seeded_sample(sft, scale.test_prompts, seed)
+        test = [{"prompt": r["prompt"], "reference": r["response"]} for r in test]
+    elif scale.test_split:
+        held_out = [r for r in load_preferences(scale.dataset, split=scale.test_split, skip_invalid=True)
+                    if eligible(r)]
+        test = [{"prompt": r["prompt"], "reference": r["chosen"]} for r in seeded_sample(held_out, scale.test_prompts,
+                                                                                          seed)]
     else:
-        test, records = records[:scale.test_prompts], records[scale.test_prompts:]
-    judge = records[:scale.judge_pairs]
-    train = records[scale.judge_pairs:scale.judge_pairs + scale.train_pairs]
-    return train, judge, test
+        carved = [r for r in pairs if eligible(r)][:scale.test_prompts]  # the pairs are shuffled: a seeded sample
+        test = [{"prompt": r["prompt"], "reference": r["chosen"]} for r in carved]
+    test_prompts = {r["prompt"] for r in test}
+    pairs = [r for r in pairs if r["prompt"] not in test_prompts]
+    judge = pairs[:scale.judge_pairs]
+    train = pairs[scale.judge_pairs:][:scale.train_pairs or None]
+    if sft is None:  # Preferred-FT: the chosen responses of every training record
+        sft = [{"prompt": r["prompt"], "response": r["chosen"]} for r in train]
+    sft = [r for r in sft if r["prompt"] not in test_prompts]
+    return Data(train, judge, test, sft)
 
 
-def make_judge(kind, task, scale, base, tokenizer, judge_records, out):
+def split_data(scale, seed):
+    """(training pairs, judge pairs, test records) of load_data."""
+    data = load_data(scale, seed)
+    return data.train, data.judge, data.test
+
+
+def make_judge(kind, task, base, tokenizer, judge_records, out, prompt="standard", bf16=False, device="cpu"):
+    """The judge: "proxy" (offline, on a frozen bf16/fp32 copy of the base model: the only copy a run
+    makes), "api" (the paper's GPT-4 prompt; TL;DR's standard (S) or concise (C)) or a reward model name."""
+    if prompt not in ("standard", "concise") or (prompt == "concise" and task != "tldr"):
+        raise ValueError(f"judge prompt {prompt!r}: standard, or concise (TL;DR only)")
     if kind == "proxy":
-        return ProxyJudge(base, tokenizer, judge_records)
+        features = frozen_copy(base).to(torch.bfloat16 if bf16 else torch.float32)
+        return ProxyJudge(features, tokenizer, judge_records)
     if kind == "api":
-        return ApiJudge("summary" if task == "tldr" else "dialogue", cache_path=os.path.join(out, "judge_cache.jsonl"))
-    return RewardModelJudge(kind)
+        template = "dialogue" if task == "hh" else "summary_concise" if prompt == "concise" else "summary"
+        return ApiJudge(template, cache_path=os.path.join(out, "judge_cache.jsonl"))
+    return RewardModelJudge(kind, device=device)
 
 
-def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, **overrides):
+def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, seed=0, batch_size=32):
+    """Best-of-N (the paper's Best-of-128): n samples of the policy per prompt, the one reward(prompts,
+    responses) -> scores ranks highest. Returns (the best response per prompt, every prompt's n
+    candidates, their scores)."""
+    repeated = [p for p in prompts for _ in range(n)]
+    samples = generate(policy, tokenizer, repeated, new_tokens, temperature=temperature, batch_size=batch_size,
+                       seed=seed)
+    responses = [s["completion"] for s in samples]
+    scores = reward(repeated, responses)
+    candidates = [responses[i * n:(i + 1) * n] for i in range(len(prompts))]
+    candidate_scores = [scores[i * n:(i + 1) * n] for i in range(len(prompts))]
+    best = [c[max(range(n), key=s.__getitem__)] for c, s in zip(candidates, candidate_scores)]
+    return best, candidates, candidate_scores
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+def uses_bf16(scale, device_type):
+    return scale.dtype == "bf16" or (scale.dtype == "auto" and device_type == "cuda")
+
+
+def memory_estimate(scale, judge="proxy", config=None, device_type="cuda"):
+    """Bytes at the peak of each stage of run(), estimated from the model's config (minidpo.memory).
+    config: a transformers config (default: the scale's model's, from the hub or a table offline)."""
+    config = config if config is not None else memory.model_config(scale.model)
+    shape = memory.shape_of(config, scale.train_layers)
+    bf16 = uses_bf16(scale, device_type)
+    micro = scale.batch_size // scale.grad_accum
+    judge_copy = {"judge copy": shape.params * (memory.BF16 if bf16 else memory.FP32)} if judge == "proxy" else {}
+    prompt = scale.max_prompt_length + len(TWO_SHOT) // 3  # the 2-shot examples: ~3 characters a token
+    sampling = memory.generation(shape, scale.sample_batch, prompt, scale.new_tokens, bf16)
+    dpo_training = memory.training(shape, 2 * micro, scale.max_length, bf16, scale.gradient_checkpointing,
+                                   scale.optimizer)
+    stages = {
+        "sampling": sampling,
+        "judge / reward features": memory.inference(shape, 16, scale.max_length, bf16, hidden_states=True),
+        "SFT": memory.training(shape, micro, scale.max_length, bf16, scale.gradient_checkpointing, "adamw"),
+        "DPO reference log-probs": memory.inference(shape, 2 * micro, scale.max_length, bf16, copies=2),
+        "DPO": dpo_training,
+        "DPO, sampling along": {**sampling, "optimizer": dpo_training["optimizer"]},
+    }
+    return {stage: {**parts, **judge_copy} for stage, parts in stages.items()}
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, judge_prompt="standard", **overrides):
     """The whole pipeline for task "tldr" or "hh"; overrides replace fields of the scale."""
     scale = dataclasses.replace(scales(task)[scale_name], **overrides)
     out = out or os.path.join("runs", f"{task}-{scale_name}")
@@ -112,62 +270,101 @@ def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, 
     say = lambda msg: print(f"[{time.time() - started:5.0f}s] {msg}", flush=True)  # noqa: E731
     torch.manual_seed(seed)
     beta = 0.5 if task == "tldr" else 0.1
+    bf16 = uses_bf16(scale, device.type)
+    autocast = autocast_for(scale.dtype, device)
 
     base, tokenizer = load_base(scale, device)
     base.eval()
-    train, judge_records, test = split_data(scale, seed)
-    say(f"{len(train)} training pairs, {len(judge_records)} judge pairs, {len(test)} test prompts")
-    judge_fn = make_judge(judge, task, scale, copy.deepcopy(base).requires_grad_(False), tokenizer, judge_records, out)
-    summary = {"task": task, "scale": scale_name, "beta": beta, "config": dataclasses.asdict(scale), "judge": judge}
+    estimate = memory_estimate(scale, judge, base.config, device.type)
+    say(f"memory estimate per stage:\n{memory.format_estimate(estimate)}")
+    data = load_data(scale, seed)
+    say(f"{len(data.train)} training pairs, {len(data.sft)} SFT records, {len(data.judge)} judge pairs, "
+        f"{len(data.test)} test prompts")
+    judge_fn = make_judge(judge, task, base, tokenizer, data.judge, out, judge_prompt, bf16, device)
+    reference_method = "sft" if scale.sft_dataset else "preferred_ft"
+    summary = {"task": task, "scale": scale_name, "beta": beta, "config": dataclasses.asdict(scale), "judge": judge,
+               "judge_prompt": judge_prompt, "reference_method": reference_method,
+               "memory_estimate_gb": {stage: memory.total(parts) / memory.GB for stage, parts in estimate.items()}}
     if isinstance(judge_fn, ProxyJudge):
         summary["judge_heldout_accuracy"] = judge_fn.accuracy
         say(f"offline judge: held-out pair accuracy {judge_fn.accuracy:.3f}")
 
-    # 1. Preferred-FT / SFT: the reference policy.
-    reference = copy.deepcopy(base)
-    freeze_all_but_top(reference, scale.train_layers)
-    sft_losses = sft_train(reference, tokenizer, [{"prompt": r["prompt"], "response": r["chosen"]} for r in train],
-                           steps=scale.sft_steps, batch_size=scale.batch_size, lr=scale.lr,
-                           max_length=scale.max_length, seed=seed)
-    say(f"SFT: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
-    reference.save_pretrained(os.path.join(out, "sft"))  # for DPO elsewhere, e.g. torchrun -m minidpo --model <out>/sft
-    tokenizer.save_pretrained(os.path.join(out, "sft"))
-    summary["sft_loss"] = [sft_losses[0], sft_losses[-1]]
+    prompts = [r["prompt"] for r in data.test]
+    references = [r["reference"] for r in data.test]
+    results_path, samples_path = os.path.join(out, "results.jsonl"), os.path.join(out, "samples.jsonl")
+    for path in (results_path, samples_path):
+        open(path, "w").close()
 
-    prompts = [r["prompt"] for r in test]
-    baselines = [r["chosen"] for r in test]
-    results_path = os.path.join(out, "results.jsonl")
-    open(results_path, "w").close()
-    samples_path = os.path.join(out, "samples.jsonl")
-    open(samples_path, "w").close()
+    def sample(policy, t, model_prompts=None):
+        with autocast():
+            samples = generate(policy, tokenizer, model_prompts or prompts, scale.new_tokens, temperature=t,
+                               batch_size=scale.sample_batch, seed=seed + 17)
+        return [s["completion"] for s in samples]
+
+    def record(method, step, t, responses, **extra):
+        verdicts = judge_fn(prompts, responses, references)
+        row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts)}
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(samples_path, "a") as f:
+            for p, r, b, v in zip(prompts, responses, references, verdicts):
+                f.write(json.dumps({"method": method, "temperature": t, "step": step, "prompt": p, "response": r,
+                                    "baseline": b, "verdict": v}) + "\n")
+        say(f"{method:12s} T={t:.2f} step {step:4d}: win rate {row['win_rate']:.3f} "
+            f"[{row['low']:.3f}, {row['high']:.3f}] n={row['n']} invalid={row['invalid']}")
 
     def measure(policy, method, step, temperatures):
         for t in temperatures:
-            samples = generate(policy, tokenizer, prompts, scale.new_tokens, temperature=t, seed=seed + 17)
-            responses = [s["completion"] for s in samples]
-            verdicts = judge_fn(prompts, responses, baselines)
-            row = {"method": method, "temperature": t, "step": step, **win_rate(verdicts)}
-            with open(results_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            with open(samples_path, "a") as f:
-                for p, r, b, v in zip(prompts, responses, baselines, verdicts):
-                    f.write(json.dumps({"method": method, "temperature": t, "step": step, "prompt": p,
-                                        "response": r, "baseline": b, "verdict": v}) + "\n")
-            say(f"{method:12s} T={t:.2f} step {step:4d}: win rate {row['win_rate']:.3f} "
-                f"[{row['low']:.3f}, {row['high']:.3f}] n={row['n']} invalid={row['invalid']}")
+            record(method, step, t, sample(policy, t))
 
-    measure(base, "base", 0, (0.0,))
-    measure(reference, "preferred_ft", 0, scale.temperatures)
+    # 1. The base model's baseline: TL;DR zero-shot; HH the paper's 2-shot prompting.
+    if task == "hh":
+        for t in scale.temperatures:
+            record("two_shot", 0, t, [end_of_turn(r) for r in sample(base, t, [two_shot_prompt(p) for p in prompts])])
+    else:
+        measure(base, "base", 0, (0.0,))
 
-    # 2. DPO from the SFT reference, win rate at T = 0 along the way (Fig. 3 right).
-    policy = copy.deepcopy(reference)
-    config = dpo.TrainConfig(out=os.path.join(out, "dpo"), beta=beta, batch_size=scale.batch_size, optimizer="adamw",
-                             lr=scale.lr, warmup_steps=0, max_steps=scale.dpo_steps, eval_every=0,
-                             max_length=scale.max_length, max_prompt_length=scale.max_prompt_length,
-                             precompute_ref=True, overwrite=True, progress=False, seed=seed)
-    along = (lambda step, p: measure(p, "dpo", step, (0.0,)) if step and scale.eval_every and step % scale.eval_every == 0
-             and step < scale.dpo_steps else None)
-    dpo.train(config, train, [], model=policy, tokenizer=tokenizer, callback=along)
+    # 2. SFT / Preferred-FT, in place: the base model becomes the reference policy.
+    policy = freeze_all_but_top(base, scale.train_layers)
+    with checkpointing(policy, scale.gradient_checkpointing):
+        sft_losses = sft_train(policy, tokenizer, data.sft, steps=scale.sft_steps, batch_size=scale.batch_size,
+                               lr=scale.lr, max_length=scale.max_length, seed=seed,
+                               max_prompt_length=scale.max_prompt_length, grad_accum=scale.grad_accum,
+                               dtype=scale.dtype)
+    say(f"SFT: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
+    policy.save_pretrained(os.path.join(out, "sft"))  # for DPO elsewhere, e.g. torchrun -m minidpo --model <out>/sft
+    tokenizer.save_pretrained(os.path.join(out, "sft"))
+    summary["sft_loss"] = [sft_losses[0], sft_losses[-1]]
+    policy.eval()
+    measure(policy, reference_method, 0, scale.temperatures)
+
+    # 3. Best-of-N over the reference, ranked by a reward model fitted on the training pairs.
+    if scale.best_of_n:
+        with autocast():
+            reward = FeatureRewardModel(policy, tokenizer, data.train[:scale.reward_pairs or None])
+        summary["reward_model_heldout_accuracy"] = reward.accuracy
+        say(f"Best-of-{scale.best_of_n} reward model: held-out pair accuracy {reward.accuracy:.3f}")
+        for t in [t for t in scale.temperatures if t > 0]:  # greedy decoding gives N identical samples
+            with autocast():
+                best, _, _ = best_of_n(policy, tokenizer, prompts, scale.best_of_n, scale.new_tokens, t, reward.score,
+                                       seed + 17, scale.sample_batch)
+            record("best_of_n", 0, t, best, best_of=scale.best_of_n)
+        del reward
+
+    # 4. DPO from the reference, in place; win rates along training at every temperature (Fig. 3 right).
+    config = dpo.TrainConfig(out=os.path.join(out, "dpo"), beta=beta, batch_size=scale.batch_size,
+                             grad_accum=scale.grad_accum, optimizer=scale.optimizer, lr=scale.lr,
+                             warmup_steps=scale.warmup_steps, max_steps=scale.dpo_steps, eval_every=0,
+                             save_every=scale.dpo_steps, max_length=scale.max_length,
+                             max_prompt_length=scale.max_prompt_length, dtype=scale.dtype, precompute_ref=True,
+                             overwrite=True, progress=False, seed=seed)
+    def along(step, trained):
+        if step and scale.eval_every and step % scale.eval_every == 0 and step < scale.dpo_steps:
+            measure(trained, "dpo", step, scale.temperatures)
+
+    os.makedirs(config.out, exist_ok=True)
+    with checkpointing(policy, scale.gradient_checkpointing):
+        dpo.train(config, data.train, [], model=policy, tokenizer=tokenizer, callback=along)
     measure(policy, "dpo", scale.dpo_steps, scale.temperatures)
 
     summary["seconds"] = time.time() - started
@@ -176,9 +373,24 @@ def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, 
     from .plots import plot_win_rates
     figure = plot_win_rates(results_path, os.path.join(out, "win_rates.png"),
                             title=f"{'TL;DR summarization' if task == 'tldr' else 'Anthropic HH dialogue'}, "
-                                  f"{scale_name} scale: win rate vs the dataset's preferred response")
+                                  f"{scale_name} scale: win rate vs the test set's reference")
     say(f"results: {results_path}\nfigure: {figure}")
     return results_path
+
+
+def parse_scale_overrides(items):
+    """FIELD=VALUE strings -> typed overrides of Scale (booleans as true/false)."""
+    from .imdb import parse_overrides
+    booleans = {f.name for f in dataclasses.fields(Scale) if str(f.type) in ("bool", "<class 'bool'>")}
+    plain = [item for item in items if item.partition("=")[0] not in booleans]
+    out = parse_overrides(plain, Scale)
+    for item in items:
+        name, _, value = item.partition("=")
+        if name in booleans:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"{name} is true or false, got {value!r}")
+            out[name] = value.lower() in ("true", "1")
+    return out
 
 
 def main(task, argv=None):
@@ -187,9 +399,19 @@ def main(task, argv=None):
     parser.add_argument("--out", default=None, help=f"output folder (default: runs/{task}-<scale>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", default="proxy", help="proxy (offline) | api (OpenAI-compatible, from the "
-                        "environment: MINIDPO_JUDGE_BASE_URL, MINIDPO_JUDGE_MODEL, OPENAI_API_KEY) | a reward model name")
+                        "environment: MINIDPO_JUDGE_BASE_URL, MINIDPO_JUDGE_MODEL, OPENAI_API_KEY) | a reward "
+                        "model's name")
+    parser.add_argument("--judge_prompt", choices=("standard", "concise"), default="standard",
+                        help="TL;DR's GPT-4 prompt for --judge api: standard (S, the paper's default) or concise (C, "
+                             "section 6.4: (S) favours longer summaries)")
+    parser.add_argument("--memory", action="store_true", help="print the memory estimate per stage (for a GPU) "
+                        "and exit")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override fields of the scale, e.g. --set model=EleutherAI/pythia-410m dpo_steps=500")
     args = parser.parse_args(argv)
-    from .imdb import parse_overrides
-    run(task, args.scale, args.out, args.seed, args.judge, **parse_overrides(args.set, Scale))
+    overrides = parse_scale_overrides(args.set)
+    if args.memory:
+        scale = dataclasses.replace(scales(task)[args.scale], **overrides)
+        print(memory.format_estimate(memory_estimate(scale, args.judge)))
+        return
+    run(task, args.scale, args.out, args.seed, args.judge, judge_prompt=args.judge_prompt, **overrides)
