@@ -138,7 +138,7 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
 
     def step(i):
         idx = list(range((i % len(batches)) * B, (i % len(batches)) * B + B))
-        batch = dpo.move(dpo.collate([examples[j] for j in idx], pad), device)
+        batch = dpo.to_device(dpo.collate([examples[j] for j in idx], pad), device)
         with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
             if impl == "minidpo-separate-forwards":
                 loss = separate_forward_loss(policy, reference, batch, dpo, config.beta)
@@ -160,7 +160,7 @@ def separate_forward_loss(policy, reference, batch, dpo, beta):
 
     def logps(model, kind):
         out = model(input_ids=batch[f"{kind}_input_ids"], attention_mask=batch[f"{kind}_attention_mask"])
-        return dpo.sequence_logps(out.logits.float(), batch[f"{kind}_labels"])
+        return dpo.sequence_logps(out.logits.float(), batch[f"{kind}_labels"], fast=True)
 
     with torch.no_grad():
         rc, rr = logps(reference, "chosen"), logps(reference, "rejected")

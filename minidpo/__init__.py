@@ -24,6 +24,7 @@ from .dpo import (
     tokenize_pair,
     tokenize_records,
 )
+from .plackett_luce import plackett_luce_loss
 
 
 def train(config, train_records, eval_records=None, model=None, tokenizer=None, callback=None):
@@ -38,5 +39,5 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
 __all__ = [
     "IGNORE_INDEX", "TrainConfig", "TrainingStopped", "check_record", "collate", "concatenated_forward", "dpo_loss",
     "gradient_weights", "implicit_reward_scores", "implicit_rewards", "load_model_and_tokenizer",
-    "preference_metrics", "sequence_logps", "tokenize_pair", "tokenize_records", "train",
+    "plackett_luce_loss", "preference_metrics", "sequence_logps", "tokenize_pair", "tokenize_records", "train",
 ]

@@ -82,13 +82,29 @@ def parse(argv=None):
     return vars(args)
 
 
+def saved_settings(out):
+    """The settings a run in `out` was started with (saved with its checkpoint), or None."""
+    import json
+
+    from .dpo import latest_checkpoint
+    checkpoint = latest_checkpoint(out) if os.path.isdir(out) else None
+    path = checkpoint and os.path.join(checkpoint, "run_settings.json")
+    return json.load(open(path)) if path and os.path.exists(path) else None
+
+
 def config_from_args(argv=None):
-    """(TrainConfig, data options) from command-line arguments."""
+    """(TrainConfig, data options) from command-line arguments. With --resume, every flag not given takes
+    the value the run was started with, so `python -m minidpo --out runs/x --resume` continues it."""
     args = parse(argv)
     data_options = {name: args.pop(name) for name in DATA_OPTIONS}
     data_options["split"] = data_options["split"] or "train"
     given = {k: v for k, v in args.items() if v is not None}
-    if "model" not in given:
+    out = given.get("out") or (TrainConfig.out if "model" in given else LAPTOP_DEFAULTS["out"])
+    saved = saved_settings(out) if given.get("resume") else None
+    if saved:
+        fields = {field.name for field in dataclasses.fields(TrainConfig)}
+        given = {**{k: v for k, v in saved.items() if k in fields and k not in ("resume", "overwrite")}, **given}
+    elif "model" not in given:
         from .models import smollm2_gguf
         folder, name = smollm2_gguf()
         given = {"model": folder, "gguf_file": name, **LAPTOP_DEFAULTS, **given}  # flags given still win

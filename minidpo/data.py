@@ -4,7 +4,7 @@ The record format is TRL's "standard" preference format; TRL's "conversational" 
 {"role", "content"} messages) is rendered to text with the tokenizer's chat template. Sources:
 
     name_or_path                              format   schema
-    Anthropic/hh-rlhf                         hh       chosen, rejected: full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
+    Anthropic/hh-rlhf                         hh       chosen, rejected: whole "\\n\\nHuman: ... \\n\\nAssistant: ..."
     openai/summarize_from_feedback            tldr     info.{post,title,subreddit}, summaries[i].text, choice
     CarperAI/openai_summarize_comparisons     generic  prompt, chosen, rejected
     stanfordnlp/SHP                           shp      history, human_ref_A, human_ref_B, labels, score_ratio

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -346,7 +347,7 @@ def tokenize_records(tokenizer, records, max_length=512, max_prompt_length=256, 
 def _report_bad_records(errors, total, skip_invalid, verbose):
     if not errors:
         return
-    reasons = {reason for _, reason in errors}
+    reasons = {re.sub(r"\d+", "N", reason) for _, reason in errors}  # "the prompt (41 tokens)" is alike for all N
     if len(errors) == total and len(reasons) == 1:  # dropping them all would leave nothing to train on
         name, reason = errors[0]
         hint = next((fix for key, fix in HINTS.items() if key in reason), "check the data")
@@ -367,7 +368,7 @@ class TrainConfig:
     # what to train on
     model: str = ""  # policy and reference: a Hugging Face hub name or a local folder
     gguf_file: str = ""  # a .gguf file inside `model` to load instead (dequantised to fp32)
-    dataset: str = ""  # preference records: a JSON-lines file here; any load_preferences source via the CLI
+    dataset: str = ""  # where the records come from: the CLI reads it with minidpo.data.load_preferences
     out: str = "out"  # output folder: metrics.jsonl, checkpoint/, final/
     eval_size: int | None = None  # records held out for evaluation (None: min(64, 10% of them); 0: none)
     skip_invalid: bool = False  # drop bad records, reporting how many and which, instead of stopping
@@ -392,7 +393,7 @@ class TrainConfig:
     max_grad_norm: float = 10.0  # clip the global gradient norm to this (0: no clipping)
     epochs: int = 1  # passes over the training records (when max_steps is 0)
     max_steps: int = 0  # train for exactly this many optimizer steps, as many epochs as that takes (0: use epochs)
-    # bookkeeping: these may change when a run is resumed, the rest may not
+    # the run (of these, eval_every, save_every, num_threads, resume, overwrite and progress may change on resume)
     eval_every: int = 100  # evaluate every N optimizer steps, and at the end (0: only at the end)
     save_every: int = 0  # write the checkpoint every N steps and at the end (0: every 10% of the run)
     seed: int = 0  # data order and initialisation
@@ -411,22 +412,22 @@ BOOKKEEPING = {"out", "eval_every", "save_every", "max_steps", "epochs", "num_th
 
 def validate_config(config, world_size=1):
     """Raise ValueError for a configuration that cannot train correctly (before anything is loaded)."""
-    c = config
-    check_loss_arguments(c.beta, c.loss_type, c.label_smoothing)
+    check_loss_arguments(config.beta, config.loss_type, config.label_smoothing)
     choices = {"optimizer": ("rmsprop", "adamw"), "dtype": ("auto", "fp32", "bf16"), "padding_side": ("left", "right")}
     for field, allowed in choices.items():
-        if getattr(c, field) not in allowed:
-            raise ValueError(f"unknown {field} {getattr(c, field)!r}; expected one of {allowed}")
-    if c.rpo_alpha < 0:
-        raise ValueError(f"rpo_alpha must be >= 0, got {c.rpo_alpha}")
-    if c.max_prompt_length >= c.max_length:
-        raise ValueError(f"max_prompt_length ({c.max_prompt_length}) must be < max_length ({c.max_length})")
-    if c.grad_accum < 1 or c.batch_size < 1:
+        if getattr(config, field) not in allowed:
+            raise ValueError(f"unknown {field} {getattr(config, field)!r}; expected one of {allowed}")
+    if config.rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {config.rpo_alpha}")
+    if config.max_prompt_length >= config.max_length:
+        raise ValueError(f"max_prompt_length ({config.max_prompt_length}) must be < max_length ({config.max_length})")
+    if config.grad_accum < 1 or config.batch_size < 1:
         raise ValueError("batch_size and grad_accum must be >= 1")
-    if c.batch_size % (world_size * c.grad_accum):
-        raise ValueError(f"batch_size ({c.batch_size}) must be divisible by world_size ({world_size}) "
-                         f"x grad_accum ({c.grad_accum})")
-    if c.lr <= 0 or c.warmup_steps < 0 or c.epochs < 1 or c.max_steps < 0 or (c.eval_size or 0) < 0:
+    if config.batch_size % (world_size * config.grad_accum):
+        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by world_size ({world_size}) "
+                         f"x grad_accum ({config.grad_accum})")
+    counts = (config.warmup_steps, config.max_steps, config.eval_size or 0)
+    if config.lr <= 0 or config.epochs < 1 or min(counts) < 0:
         raise ValueError("lr must be > 0, warmup_steps >= 0, epochs >= 1, max_steps >= 0, eval_size >= 0")
 
 
@@ -753,13 +754,13 @@ def prepare_run(config, train_records, eval_records, model, tokenizer):
     run = SimpleNamespace(config=config, rank=rank, world_size=world_size, device=device, master=rank == 0)
     validate_config(config, world_size)
     resume_from = check_out_folder(config, run.master)
-    if world_size > 1:
-        torch.distributed.barrier()  # every rank has looked at <out> before the master changes it
     if run.master and config.overwrite and not config.resume:
         for name in RUN_FILES:  # everything --resume would read, so two runs are never spliced
             path = os.path.join(config.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
     os.makedirs(config.out, exist_ok=True)
+    if world_size > 1:
+        torch.distributed.barrier()  # no rank reads <out> while the master clears it
     torch.manual_seed(config.seed)
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
@@ -774,7 +775,8 @@ def prepare_run(config, train_records, eval_records, model, tokenizer):
         for records in (train_records, eval_records)]
     run.steps_per_epoch = len(run.train_examples) // config.batch_size
     if run.steps_per_epoch == 0:
-        raise ValueError(f"{len(run.train_examples)} training records are fewer than --batch_size {config.batch_size}")
+        raise ValueError(f"{len(run.train_examples)} training records are fewer than --batch_size "
+                         f"{config.batch_size}: lower --batch_size")
     run.total_steps = config.max_steps or run.steps_per_epoch * config.epochs  # max_steps wins over epochs
     run.save_every = config.save_every or max(1, math.ceil(run.total_steps / 10))
     run.micro_batch = config.batch_size // (world_size * config.grad_accum)  # pairs per rank per forward

@@ -48,6 +48,7 @@ class Shape:
     params: int  # every parameter
     trained: int  # the parameters that train
     layers: int
+    trained_layers: int  # the top blocks that train: only they save activations for the backward
     hidden: int
     intermediate: int
     vocab: int
@@ -76,7 +77,7 @@ def shape_of(config, train_layers=0):
         trained = sum(p.numel() for block in blocks[-train_layers:] for p in block.parameters())
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    return Shape(params, trained, layers, hidden, intermediate, config.vocab_size)
+    return Shape(params, trained, layers, min(train_layers or layers, layers), hidden, intermediate, config.vocab_size)
 
 
 # ---- the estimate --------------------------------------------------------------------------------
@@ -88,8 +89,8 @@ def activation_bytes(shape, tokens, bf16, checkpointing):
     stream = tokens * shape.hidden * FP32  # a block's input: the fp32 residual stream
     ends = 3 * stream  # embeddings and the final layer norm
     if checkpointing:
-        return shape.layers * stream + block + ends  # every block's input, and one block recomputed
-    return shape.layers * block + ends
+        return shape.trained_layers * stream + block + ends  # every block's input, and one block recomputed
+    return shape.trained_layers * block + ends
 
 
 def logits_bytes(shape, tokens, bf16):
@@ -138,7 +139,7 @@ def total(parts):
 
 def format_estimate(stages, budget=80 * GB):
     """A table of each stage's components (GB, or MB when the peak is under 1 GB) and whether the
-    largest total fits `budget` bytes."""
+    largest total fits `budget` bytes (None: no verdict)."""
     names = list(dict.fromkeys(k for parts in stages.values() for k in parts))
     peak = max(total(parts) for parts in stages.values())
     unit, size = ("GB", GB) if peak >= GB else ("MB", 1e6)
@@ -146,8 +147,8 @@ def format_estimate(stages, budget=80 * GB):
     for stage, parts in stages.items():
         lines.append(f"{stage:24s}" + "".join(f"{parts.get(n, 0) / size:14.1f}" for n in names)
                      + f"{total(parts) / size:10.1f}")
-    verdict = "fits" if peak <= budget else "does NOT fit"
-    lines.append(f"peak {peak / size:.1f} {unit}: {verdict} in {budget / GB:.0f} GB (an estimate; GB = 1e9 bytes)")
+    verdict = "" if budget is None else f": {'fits' if peak <= budget else 'does NOT fit'} in {budget / GB:.0f} GB"
+    lines.append(f"peak {peak / size:.1f} {unit}{verdict} (an estimate; GB = 1e9 bytes)")
     return "\n".join(lines)
 
 

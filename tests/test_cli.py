@@ -1,5 +1,6 @@
 """python -m minidpo as a user meets it: small data trains, mistakes get one clear line, preemption is survived."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import toy_records
 from transformers import AutoModelForCausalLM
 
+from conftest import toy_records
 from minidpo import data, dpo
 from minidpo.__main__ import build_parser, config_from_args, main
 from minidpo.models import byte_tokenizer
@@ -110,11 +111,12 @@ def test_record_errors_name_the_file_and_line(tmp_path, tiny_model_dir):
 
 
 def test_when_every_record_fails_alike_the_error_says_the_fix(tmp_path, tiny_model_dir):
-    records = [{"prompt": "a long prompt " * 10, "chosen": " yes", "rejected": " no"} for _ in range(8)]
+    records = [{"prompt": "a long prompt " * (10 + i), "chosen": " yes", "rejected": " no"} for i in range(8)]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     result = cli(*common(tiny_model_dir, path, tmp_path / "o", "--max_length", "40", "--max_prompt_length", "39",
                          "--eval_size", "0"))
-    assert result.returncode == 2 and "all 8 records fail alike" in result.stderr and "raise --max_length" in result.stderr
+    assert result.returncode == 2 and "all 8 records fail alike" in result.stderr
+    assert "raise --max_length" in result.stderr
     assert "--skip_invalid" not in result.stderr
 
 
@@ -147,8 +149,9 @@ def test_conversational_records_without_a_prompt_are_detected(tmp_path):
 
 
 def test_a_chat_templated_response_gets_one_end_of_turn(tmp_path):
-    from minidpo.models import smollm2_gguf
     from transformers import AutoTokenizer
+
+    from minidpo.models import smollm2_gguf
     folder, name = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     user = [{"role": "user", "content": "Hi?"}]
@@ -207,7 +210,12 @@ def test_sigterm_exits_0_with_a_checkpoint_and_resume_matches(tmp_path, tiny_mod
     stopped = cli(*args, runner=(SIGNAL_SCRIPT, "3"))
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped at step 3" in stopped.stdout
-    assert cli(*args, "--resume").returncode == 0
+    resumed, _ = config_from_args(["--out", str(tmp_path / "stopped"), "--resume"])  # the run's own settings
+    assert (resumed.model, resumed.lr, resumed.max_steps, resumed.batch_size) == (tiny_model_dir, 1e-3, 6, 4)
+    with pytest.raises(ValueError, match="--lr 0.001 -> 0.01"):
+        dpo.check_resumed_settings(str(tmp_path / "stopped" / "checkpoint"), dataclasses.asdict(
+            config_from_args(["--out", str(tmp_path / "stopped"), "--resume", "--lr", "1e-2"])[0]))
+    assert cli("--out", str(tmp_path / "stopped"), "--resume").returncode == 0
     whole = cli(*common(tiny_model_dir, pairs, tmp_path / "whole", "--max_steps", "6", "--eval_every", "2"))
     assert whole.returncode == 0
     assert rows_of(tmp_path / "stopped") == rows_of(tmp_path / "whole")

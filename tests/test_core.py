@@ -304,7 +304,8 @@ def test_collate_masks_padding_by_length_even_when_pad_is_eos(tokenizer):
     assert batch["chosen_attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
     assert batch["chosen_input_ids"][0, 4] == batch["chosen_input_ids"][0, 5] == eos
     assert batch["chosen_labels"][0, 4] == eos  # a real EOS is attended to and predicted...
-    assert batch["chosen_labels"].tolist()[1] == [IGNORE_INDEX, 32, 99, eos, IGNORE_INDEX, IGNORE_INDEX]  # ...padding is not
+    # ...padding is not
+    assert batch["chosen_labels"].tolist()[1] == [IGNORE_INDEX, 32, 99, eos, IGNORE_INDEX, IGNORE_INDEX]
     left = minidpo.collate(examples, eos, padding_side="left")
     assert left["rejected_attention_mask"].tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1]]
     assert left["rejected_labels"][1, 0] == IGNORE_INDEX

@@ -157,7 +157,8 @@ def test_conversational_records_go_through_the_chat_template(tmp_path):
     explicit = {"prompt": [{"role": "user", "content": "Hi?"}],
                 "chosen": [{"role": "assistant", "content": "Hello!"}],
                 "rejected": [{"role": "assistant", "content": "Go away."}]}
-    implicit = {"chosen": explicit["prompt"] + explicit["chosen"], "rejected": explicit["prompt"] + explicit["rejected"]}
+    implicit = {"chosen": explicit["prompt"] + explicit["chosen"],
+                "rejected": explicit["prompt"] + explicit["rejected"]}
     for row in (explicit, implicit):
         path = write_jsonl(tmp_path / "chat.jsonl", [row])
         ds = data.load_preferences(path, format="generic", tokenizer=tokenizer)

@@ -97,7 +97,7 @@ def test_sequence_kl_of_a_dropout_model_against_its_copy_is_zero(tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=32, resid_pdrop=0.5, embd_pdrop=0.5,
-                        attn_pdrop=0.5)
+                        attn_pdrop=0.5, bos_token_id=256, eos_token_id=256)
     policy = GPT2LMHeadModel(config).train()  # dropout 0.5, in train mode as a method leaves it
     reference = copy.deepcopy(policy)
     samples = generate(policy, tokenizer, ["The film", "I watched"] * 4, max_new_tokens=8, seed=0)
@@ -163,7 +163,14 @@ def test_smoke_experiment_writes_every_method_and_a_figure(tmp_path):
     assert all(math.isfinite(r["reward"]) and r["kl"] >= -1e-6 for r in rows)
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     summary = json.load(open(tmp_path / "summary.json"))
-    assert summary["pairs"] > 0 and "reward_model_heldout_accuracy" in summary
+    assert summary["pairs"] > 0 and "reward_model_heldout_accuracy" in summary and "empty_completions" in summary
+
+
+def test_best_of_n_from_the_command_line(tmp_path):
+    imdb.main(["--scale", "smoke", "--out", str(tmp_path), "--methods", "best_of_n", "--set", "best_of=2,3"])
+    rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert [(r["param"], r["kl"]) for r in rows if r["method"] == "best_of_n"] == [(2, math.log(2) - 1 / 2),
+                                                                                   (3, math.log(3) - 2 / 3)]
 
 
 @pytest.fixture

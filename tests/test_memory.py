@@ -20,11 +20,15 @@ def test_peak_memory_follows_allocations_and_frees():
     del b, c, d
 
 
-def measured_and_estimated_sft_step(bf16, checkpointing, sequences=8, length=128):
+def measured_and_estimated_sft_step(bf16, checkpointing, sequences=8, length=128, train_layers=0):
     """A real sft_train run of two optimizer steps (the second has optimizer state, as every later one),
     each of two accumulated micro-batches of `sequences` sequences of exactly `length` tokens."""
     tokenizer = byte_tokenizer()
     model = tiny_neox(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=3, num_attention_heads=4)
+    if train_layers:  # only the top blocks and the final layer norm train
+        model.requires_grad_(False)
+        model.gpt_neox.layers[-train_layers:].requires_grad_(True)
+        model.gpt_neox.final_layer_norm.requires_grad_(True)
     prompt_tokens = length // 4
     records = [{"prompt": chr(65 + i % 26) * prompt_tokens, "response": "z" * (length - prompt_tokens - 1)}
                for i in range(4 * sequences)]  # the response's EOS makes `length`
@@ -32,7 +36,8 @@ def measured_and_estimated_sft_step(bf16, checkpointing, sequences=8, length=128
     with memory.PeakMemory() as measured:
         sft_train(model, tokenizer, records, steps=2, batch_size=2 * sequences, lr=1e-3, max_length=length,
                   grad_accum=2, dtype="bf16" if bf16 else "fp32", gradient_checkpointing=checkpointing)
-    estimate = memory.training(memory.shape_of(model.config), sequences, length, bf16, checkpointing, "adamw")
+    shape = memory.shape_of(model.config, train_layers)
+    estimate = memory.training(shape, sequences, length, bf16, checkpointing, "adamw")
     return weights + measured.peak, memory.total(estimate), estimate
 
 
@@ -40,6 +45,13 @@ def measured_and_estimated_sft_step(bf16, checkpointing, sequences=8, length=128
 def test_the_training_estimate_matches_a_measured_peak(bf16, checkpointing):
     measured, estimated, parts = measured_and_estimated_sft_step(bf16, checkpointing)
     assert parts["activations"] > parts["weights"]  # a config where the activation count matters
+    assert 0.8 * estimated <= measured <= 1.2 * estimated, (measured, estimated, parts)
+
+
+def test_frozen_lower_blocks_save_no_activations():
+    measured, estimated, parts = measured_and_estimated_sft_step(False, False, train_layers=1)
+    _, _, all_trained = measured_and_estimated_sft_step(False, False)
+    assert parts["activations"] < all_trained["activations"] / 2 and parts["gradients"] < all_trained["gradients"]
     assert 0.8 * estimated <= measured <= 1.2 * estimated, (measured, estimated, parts)
 
 

@@ -6,10 +6,10 @@ import signal
 
 import pytest
 import torch
-from conftest import toy_records
 from transformers import AutoModelForCausalLM
 
 import minidpo
+from conftest import toy_records
 from minidpo import dpo
 from minidpo.models import byte_tokenizer, tiny_gpt2
 

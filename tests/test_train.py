@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import minidpo
+from conftest import toy_records
 from minidpo import dpo
 from minidpo.models import byte_tokenizer, tiny_gpt2
-from conftest import toy_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -322,5 +322,6 @@ def test_cli_defaults_laptop_without_model_and_the_papers_with_one():
     assert laptop.gguf_file.endswith(".gguf") and laptop.max_steps == 2  # a flag given wins
     assert laptop.lr == LAPTOP_DEFAULTS["lr"] and laptop.batch_size == LAPTOP_DEFAULTS["batch_size"]
     paper, options = config_from_args(["--model", "gpt2", "--no-precompute_ref", "--format", "hh"])
-    assert (paper.beta, paper.batch_size, paper.optimizer, paper.lr, paper.warmup_steps) == (0.1, 64, "rmsprop", 1e-6, 150)
+    assert (paper.beta, paper.batch_size, paper.optimizer, paper.lr, paper.warmup_steps) == \
+        (0.1, 64, "rmsprop", 1e-6, 150)
     assert paper.dataset.endswith("preferences.jsonl") and options["format"] == "hh" and not paper.precompute_ref

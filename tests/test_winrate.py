@@ -53,7 +53,8 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     assert summary["beta"] == (0.5 if task == "tldr" else 0.1) and summary["sft_loss"][1] < summary["sft_loss"][0]
     assert 0 <= summary["reward_model_heldout_accuracy"] <= 1
     # one model trained in place; the only copies: the offline judge's, and DPO's reference while it precomputes
-    assert len(copies) == 2, copies
+    # (before: also a copy for SFT and one for DPO's policy, four in all)
+    assert len(copies) <= 2, copies
     out = capsys.readouterr().out
     assert out.index("memory estimate per stage") < out.index("SFT: loss")
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]

@@ -1,1 +1,2 @@
-"""End-to-end experiments of the paper, each runnable as python -m minidpo.experiments.<name> --scale smoke|laptop|paper."""
+"""End-to-end experiments of the paper, each runnable as
+python -m minidpo.experiments.<name> --scale smoke|laptop|paper."""

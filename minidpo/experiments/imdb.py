@@ -233,7 +233,7 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
                                      batch_size=scale.batch_size, optimizer="adamw", lr=scale.lr, warmup_steps=0,
                                      max_steps=scale.steps, eval_every=scale.eval_every, max_length=256,
                                      max_prompt_length=64, precompute_ref=True, overwrite=True, progress=False,
-                                     seed=seed)
+                                     save_every=scale.steps, seed=seed)  # one checkpoint, at the end
             dpo.train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
                       callback=evaluating(name, beta))
             print(f"[{time.time() - started:5.0f}s] {name} beta={beta} done")

@@ -276,7 +276,8 @@ def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, 
     base, tokenizer = load_base(scale, device)
     base.eval()
     estimate = memory_estimate(scale, judge, base.config, device.type)
-    say(f"memory estimate per stage:\n{memory.format_estimate(estimate)}")
+    budget = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    say(f"memory estimate per stage:\n{memory.format_estimate(estimate, budget)}")
     data = load_data(scale, seed)
     say(f"{len(data.train)} training pairs, {len(data.sft)} SFT records, {len(data.judge)} judge pairs, "
         f"{len(data.test)} test prompts")
