@@ -141,8 +141,11 @@ def load_records(config, data_options, tokenizer):
 
 
 def run(config, data_options):
+    from transformers.utils import logging as hf_logging
+
     from .dpo import load_model_and_tokenizer
     check_before_loading(config)
+    hf_logging.disable_progress_bar()  # loading and saving bars between the log lines: the run has its own
     try:
         model, tokenizer = load_model_and_tokenizer(config.model, config.gguf_file)
     except OSError as e:  # not a folder, not on the hub or not in its cache: one line, not a traceback

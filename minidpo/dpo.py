@@ -650,8 +650,8 @@ def check_resumed_settings(path, run_settings):
     """A resumed run must follow the saved one's trajectory: any change but bookkeeping is an error."""
     settings_file = os.path.join(path, "run_settings.json")
     saved = json.load(open(settings_file)) if os.path.exists(settings_file) else {}
-    changed = [f"--{key} {saved[key]!r} -> {value!r}" for key, value in run_settings.items()
-               if key in saved and key not in BOOKKEEPING and saved[key] != value]
+    changed = [f"{key if key in FINGERPRINTS else '--' + key} {saved[key]!r} -> {value!r}"
+               for key, value in run_settings.items() if key in saved and key not in BOOKKEEPING and saved[key] != value]
     if changed:
         raise ValueError(f"--resume with settings that differ from the run in {path}:\n  " + "\n  ".join(changed)
                          + "\nresume with the old values, or start afresh with --overwrite (or another --out)")
@@ -680,6 +680,9 @@ def rewrite_metrics_upto(path, step, eval_every):
     os.replace(path + ".tmp", path)
 
 
+FINGERPRINTS = ("train_data", "eval_data", "initial_weights")  # saved with the settings, compared on resume
+
+
 def fingerprint(examples):
     """A hash of tokenised examples: the data a run trains on, as the model sees it."""
     digest = hashlib.sha256()
@@ -689,12 +692,20 @@ def fingerprint(examples):
     return digest.hexdigest()[:16]
 
 
+@torch.no_grad()
+def weights_fingerprint(model):
+    """A hash of the model's starting weights (each tensor's sum, to 6 digits): a different model passed
+    under the same name is a different run."""
+    sums = ",".join(f"{name}:{p.double().sum().item():.6e}" for name, p in model.named_parameters())
+    return hashlib.sha256(sums.encode()).hexdigest()[:16]
+
+
 def reference_logps_cached(run, compute):
     """Precomputed reference log-probs, saved once in <out>; a restart reuses them when the data, model
     and tokenisation are the same (a full reference pass saved per restart), else recomputes, saying why."""
     path = os.path.join(run.config.out, "reference_logps.pt")
-    key = json.dumps({k: run.settings[k] for k in ("model", "gguf_file", "average_log_prob", "dtype", "data",
-                                                    "eval_data")}, sort_keys=True)
+    key = json.dumps({k: run.settings[k] for k in ("model", "gguf_file", "average_log_prob", "dtype", *FINGERPRINTS)},
+                     sort_keys=True)
     if os.path.exists(path):
         saved = torch.load(path, map_location=run.device, weights_only=True)
         if saved["key"] == key:
@@ -780,8 +791,8 @@ def prepare_run(config, train_records, eval_records, model, tokenizer):
     run.total_steps = config.max_steps or run.steps_per_epoch * config.epochs  # max_steps wins over epochs
     run.save_every = config.save_every or max(1, math.ceil(run.total_steps / 10))
     run.micro_batch = config.batch_size // (world_size * config.grad_accum)  # pairs per rank per forward
-    run.settings = {**dataclasses.asdict(config), "data": fingerprint(run.train_examples),
-                    "eval_data": fingerprint(run.eval_examples)}
+    run.settings = {**dataclasses.asdict(config), "train_data": fingerprint(run.train_examples),
+                    "eval_data": fingerprint(run.eval_examples), "initial_weights": weights_fingerprint(model)}
     if resume_from:
         check_resumed_settings(resume_from, run.settings)
     # the models: the policy trains, the reference is a frozen copy of where it started

@@ -170,7 +170,7 @@ def test_reference_logps_for_other_data_are_recomputed(tmp_path, monkeypatch, ca
         run(config(tmp_path), callback=signal_at(2))
     path = tmp_path / "run" / "reference_logps.pt"
     saved = torch.load(path, weights_only=True)
-    torch.save({**saved, "key": saved["key"].replace('"data": "', '"data": "0')}, path)  # as if the data changed
+    torch.save({**saved, "key": saved["key"].replace('"train_data": "', '"train_data": "0')}, path)  # other data
     run(config(tmp_path, resume=True))
     assert calls == [32, 8, 32, 8]
     assert "recomputing" in capsys.readouterr().out
@@ -194,8 +194,11 @@ def test_resume_with_a_changed_setting_is_an_error_listing_it(tmp_path):
         run(config(tmp_path), callback=signal_at(2))
     with pytest.raises(ValueError, match=r"--beta 0.1 -> 0.5\n  --lr 0.001 -> 1e-05"):
         run(config(tmp_path, resume=True, lr=1e-5, beta=0.5))
-    with pytest.raises(ValueError, match=r"--data '\w+' -> '\w+'"):
+    with pytest.raises(ValueError, match=r"\n  train_data '\w+' -> '\w+'\n"):
         run(config(tmp_path, resume=True), records=toy_records(32, seed=7))
+    with pytest.raises(ValueError, match=r"\n  initial_weights '\w+' -> '\w+'\n"):  # another model, the same name
+        dpo.train(config(tmp_path, resume=True), toy_records(32), toy_records(8, seed=1), model=tiny_gpt2(seed=3),
+                  tokenizer=byte_tokenizer())
     run(config(tmp_path, resume=True, max_steps=8, eval_every=4, progress=True))  # bookkeeping may change
 
 
