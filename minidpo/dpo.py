@@ -650,8 +650,9 @@ def check_resumed_settings(path, run_settings):
     """A resumed run must follow the saved one's trajectory: any change but bookkeeping is an error."""
     settings_file = os.path.join(path, "run_settings.json")
     saved = json.load(open(settings_file)) if os.path.exists(settings_file) else {}
-    changed = [f"{key if key in FINGERPRINTS else '--' + key} {saved[key]!r} -> {value!r}"
-               for key, value in run_settings.items() if key in saved and key not in BOOKKEEPING and saved[key] != value]
+    differs = [key for key, value in run_settings.items() if key in saved and saved[key] != value]
+    changed = [f"{key if key in FINGERPRINTS else '--' + key} {saved[key]!r} -> {run_settings[key]!r}"
+               for key in differs if key not in BOOKKEEPING]
     if changed:
         raise ValueError(f"--resume with settings that differ from the run in {path}:\n  " + "\n  ".join(changed)
                          + "\nresume with the old values, or start afresh with --overwrite (or another --out)")
