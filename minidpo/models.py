@@ -84,14 +84,15 @@ def freeze_all_but_top(model, n):
     if n <= 0:
         return model
     blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)][0]
+    in_blocks = {id(m) for m in blocks.modules()}  # the blocks' own norms are not the final norm
     model.requires_grad_(False)
     for block in blocks[-n:]:
         block.requires_grad_(True)
     for name, module in model.named_modules():
-        if name.endswith(("ln_f", "norm", "final_layer_norm")) and not list(module.children()):
+        final_norm = name.endswith(("ln_f", "norm", "final_layer_norm")) and id(module) not in in_blocks
+        if final_norm and not list(module.children()):
             module.requires_grad_(True)
     return model
-
 
 
 def _package_file(distribution, suffix):

@@ -397,3 +397,14 @@ print("ok", losses.mean().item())
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_freeze_all_but_top_trains_the_top_blocks_and_the_final_norm_only(arch):
+    # NeoX and Llama name their blocks' norms *_layernorm: only the norm outside the blocks is the final one.
+    from minidpo.models import freeze_all_but_top, tiny_gpt2, tiny_neox
+    model = freeze_all_but_top(tiny_gpt2(n_layer=3) if arch == "gpt2" else tiny_neox(num_hidden_layers=3), 1)
+    trained = {name.split(".weight")[0].split(".bias")[0] for name, p in model.named_parameters() if p.requires_grad}
+    top = "transformer.h.2" if arch == "gpt2" else "gpt_neox.layers.2"
+    final = "transformer.ln_f" if arch == "gpt2" else "gpt_neox.final_layer_norm"
+    assert final in trained and all(name.startswith(top) or name == final for name in trained), trained

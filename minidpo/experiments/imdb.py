@@ -64,6 +64,12 @@ class Scale:
     sft_batch_size: int = 8
     samples: int = 4  # reference samples per training prefix
     imdb: str = "stanfordnlp/imdb"  # paper scale: the IMDb dataset (hub name or local file)
+    eval_samples: int = 1  # samples per held-out prefix per evaluation (reward: all of them)
+    kl_samples: int = 0  # of those, how many per prefix also measure the KL (0: all)
+    best_of_picks: int = 1  # Best-of-N: picks (each the best of N candidates) per held-out prefix
+    seeds: int = 1  # training seeds (seed, seed + 1, ...) of the methods in `seeded`; the others run once
+    seeded: tuple[str, ...] = ("dpo", "ppo_gt", "ppo")
+    dtype: str = "fp32"  # "bf16": autocast on a GPU (on a CPU the run stays fp32)
 
 
 SCALES = {
@@ -82,6 +88,74 @@ SCALES = {
                    ppo=dict(iterations=200, rollouts=64, minibatch=16, lr=1.4e-5), best_of=(4, 16, 64, 128),
                    reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=100), sft_epochs=1.0),
 }
+
+
+# ---- what a preset costs ---------------------------------------------------------------------------------
+
+# Seconds per unit for SmolLM2-135M, fp32, 2 CPU threads, measured (docs: /work/shared/LAPTOP.md, 2026-11):
+# a forward pass per token (reference forward: 1.6 s for 8 pairs of 56 tokens), a training step per token
+# and trained block (DPO step, 8 pairs, precomputed reference: 2.1 s with the top 4 blocks, ~6 s with all 30),
+# sampling per generated token (64 prompts x 48 tokens: 15 s), KL per completion token (64 x 48: 17 s).
+LAPTOP_COSTS = {"load": 20.0, "forward_token": 1.6 / (16 * 56), "train_token_per_block": 0.15 / (16 * 56),
+                "sample_token": 15 / (64 * 48), "kl_token": 17 / (64 * 48), "blocks": 30, "prompt_tokens": 6}
+# One H100, bf16: NOT measured, assumed (small batches of a 135M model are bound by kernel launches, not
+# FLOPs): ~60x the laptop's throughput for sampling in batches of 256, ~100x for training and KL passes.
+H100_COSTS = {**LAPTOP_COSTS, "load": 30.0, "forward_token": LAPTOP_COSTS["forward_token"] / 100,
+              "train_token_per_block": LAPTOP_COSTS["train_token_per_block"] / 100,
+              "sample_token": LAPTOP_COSTS["sample_token"] / 60, "kl_token": LAPTOP_COSTS["kl_token"] / 100}
+
+
+def estimate_seconds(scale, methods=None, costs=LAPTOP_COSTS):
+    """Estimated run time of run() at this scale, {part: seconds} with a "total", from per-token costs."""
+    methods = methods or ["dpo", "preferred_ft", "unlikelihood", "ppo_gt", "ppo", "best_of_n"]
+    c, tokens = costs, costs["prompt_tokens"] + scale.new_tokens
+    blocks = scale.train_layers or costs["blocks"]
+    step_token = c["forward_token"] + c["train_token_per_block"] * blocks
+    pairs = scale.train_prompts * scale.samples * (scale.samples - 1) // 2
+    evaluation = (scale.eval_prompts * scale.eval_samples * scale.new_tokens * c["sample_token"]
+                  + scale.eval_prompts * (scale.kl_samples or scale.eval_samples) * scale.new_tokens * c["kl_token"])
+    evals = scale.steps // scale.eval_every
+
+    def runs(method):
+        return scale.seeds if method in scale.seeded else 1
+
+    part = {"load": c["load"], "pairs": scale.train_prompts * scale.samples * scale.new_tokens * c["sample_token"],
+            "evaluation (each)": evaluation}
+    if "dpo" in methods:
+        one = (pairs * 2 * tokens * c["forward_token"] + scale.steps * scale.batch_size * 2 * tokens * step_token
+               + evals * evaluation)
+        part["dpo"] = one * (len(scale.dpo_betas) * runs("dpo") + bool(scale.rpo_alpha))
+    if "preferred_ft" in methods:
+        part["preferred_ft"] = (scale.steps * scale.batch_size * tokens * step_token + evals * evaluation) \
+            * runs("preferred_ft")
+    if "unlikelihood" in methods:
+        part["unlikelihood"] = (scale.steps * scale.batch_size * 2 * tokens * step_token + evals * evaluation) \
+            * len(scale.ul_alphas) * runs("unlikelihood")
+    if {"ppo", "best_of_n"} & set(methods):
+        rm = {**asdict(RewardModelConfig()), "train_layers": scale.train_layers, **scale.reward_model}
+        rm_step_token = c["forward_token"] + c["train_token_per_block"] * (rm["train_layers"] or costs["blocks"])
+        part["reward model"] = rm["epochs"] * pairs * 2 * tokens * rm_step_token
+    ppo_config = PPOConfig(**scale.ppo)
+    one_ppo = ppo_config.iterations * (ppo_config.rollouts * scale.new_tokens * c["sample_token"]
+                                       + ppo_config.rollouts * tokens * (2 * c["forward_token"]
+                                                                         + ppo_config.ppo_epochs * step_token)) \
+        + ppo_config.iterations // scale.ppo_eval_every * evaluation
+    for method in ("ppo_gt", "ppo"):
+        if method in methods:
+            part[method] = one_ppo * len(scale.ppo_targets) * runs(method)
+    if "best_of_n" in methods:
+        candidates = scale.eval_prompts * scale.best_of_picks * sum(scale.best_of)
+        part["best_of_n"] = candidates * (scale.new_tokens * c["sample_token"] + tokens * c["forward_token"]) \
+            * runs("best_of_n")
+    part["total"] = sum(v for k, v in part.items() if k != "evaluation (each)") + evaluation  # + the reference
+    return part
+
+
+def reward_standard_error(scale, reward_std=0.5):
+    """The standard error of a point's mean reward if the eval_prompts x eval_samples rewards were
+    independent with this std (VADER on SmolLM2's completions: 0.50). Prefixes add a shared part: the
+    measured standard error (clustered by prefix) is recorded with every point."""
+    return reward_std / math.sqrt(scale.eval_prompts * scale.eval_samples)
 
 
 # ---- the pieces --------------------------------------------------------------------------------------
