@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from minidpo import reward_model
+from minidpo import ppo, reward_model
 from minidpo.experiments import imdb
 from minidpo.models import byte_tokenizer, tiny_gpt2
 from minidpo.reward_model import LinearRewardModel, RewardModelConfig, completion_features, train_reward_model
@@ -230,3 +230,108 @@ def test_every_method_is_measured_with_dropout_off(tmp_path, tiny_classifier):
     rows = [json.loads(line) for line in open(results)]
     assert {r["method"] for r in rows} == {"reference", "dpo", "preferred_ft", "unlikelihood", "ppo_gt"}
     assert max(abs(r["kl"]) for r in rows) < 1e-6, [(r["method"], r["kl"]) for r in rows]
+
+
+# ---- presets, seeds and standard errors -------------------------------------------------------------------
+
+OFFLINE = ("laptop", "laptop_long", "gpu")
+
+
+def test_mean_and_standard_error_are_clustered_by_prefix():
+    # Two prefixes with means 1 and 3: SE = std(1, 3) / sqrt(2) = sqrt(2) / sqrt(2) = 1, whatever the spread
+    # inside a prefix; one value per prefix gives the usual std / sqrt(n).
+    assert imdb.mean_and_se([0.0, 2.0, 3.0, 3.0], ["a", "a", "b", "b"]) == pytest.approx((2.0, 1.0))
+    assert imdb.mean_and_se([1.0, 2.0, 6.0], [0, 1, 2]) == pytest.approx((3.0, math.sqrt(7 / 3)))
+    assert imdb.mean_and_se([1.0, 2.0], ["a", "a"]) == (1.5, None)
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_presets_have_the_papers_grids(name):
+    scale = imdb.SCALES[name]
+    assert (scale.model, scale.reward) == ("smollm2", "vader")
+    assert scale.dpo_betas == (0.05, 0.1, 1.0, 5.0)
+    assert len(scale.ul_alphas) >= 2 and len(scale.ppo_targets) >= 2 and len(scale.best_of) >= 2
+    assert scale.rpo_alpha > 0  # the training-dynamics plot compares DPO with and without it
+    with open(imdb.bundled_path("imdb_prefixes.txt")) as f:  # training and held-out prefixes never overlap
+        assert scale.train_prompts + scale.eval_prompts <= sum(1 for line in f if line.strip())
+
+
+@pytest.mark.parametrize("name, costs, budget_s", [("laptop", imdb.LAPTOP_COSTS, 30 * 60),
+                                                   ("laptop_long", imdb.LAPTOP_COSTS, 3 * 3600),
+                                                   ("gpu", imdb.H100_COSTS, 15 * 60)])
+def test_presets_fit_their_time_budgets_by_estimate(name, costs, budget_s):
+    scale = imdb.SCALES[name]
+    estimate = imdb.estimate_seconds(scale, costs=costs)
+    assert 0.5 * budget_s < estimate["total"] <= budget_s, estimate
+    # The estimate counts every run: doubling the seeds of the seeded methods costs more.
+    more = imdb.estimate_seconds(imdb.dataclasses.replace(scale, seeds=scale.seeds + 1), costs=costs)
+    assert more["dpo"] > estimate["dpo"] and more["total"] > estimate["total"]
+
+
+@pytest.mark.parametrize("name", ("laptop_long", "gpu"))
+def test_evidence_presets_have_three_seeds_and_a_standard_error_of_002(name):
+    scale = imdb.SCALES[name]
+    assert scale.seeds >= 3 and {"dpo", "ppo_gt"} <= set(scale.seeded)
+    assert scale.eval_prompts * scale.eval_samples >= 625  # VADER's std 0.5: 0.5 / sqrt(625) = 0.02
+    assert imdb.reward_standard_error(scale) <= 0.02 + 1e-9
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_ppo_controller_of_each_preset_can_move_kl_coef_threefold_either_way(name):
+    # The controller of ppo_train (horizon as it computes it), fed a KL far below and far above the target
+    # at every iteration, must move kl_coef by >= 3x within the preset's iterations: otherwise every target
+    # ends at the same KL. The default horizon (20 rollout batches) could not: 1.01^12 = 1.13.
+    config = ppo.PPOConfig(**imdb.SCALES[name].ppo)
+    horizon = config.horizon or ppo.ZIEGLER_HORIZON_BATCHES * config.rollouts
+    low, high = (ppo.AdaptiveKL(1.0, 4.0, horizon) for _ in range(2))
+    for _ in range(config.iterations):
+        low.update(0.0, config.rollouts)
+        high.update(400.0, config.rollouts)
+    assert low.coef <= 1 / 3 and high.coef >= 3, (low.coef, high.coef)
+    assert high.coef == pytest.approx((1 + 0.2 * config.rollouts / horizon) ** config.iterations)
+
+
+def test_estimate_from_the_command_line(capsys):
+    imdb.main(["--scale", "laptop", "--estimate", "--set", "seeded=dpo,ppo_gt", "seeds=3"])
+    printed = capsys.readouterr().out
+    assert "estimated time on 2 CPU cores" in printed and "standard error" in printed
+    assert imdb.parse_overrides(["seeded=dpo, ppo_gt"], imdb.Scale) == {"seeded": ("dpo", "ppo_gt")}
+
+
+def test_seeded_methods_run_once_per_seed_with_standard_errors(tmp_path):
+    results = imdb.run("smoke", out=str(tmp_path), methods=["dpo", "preferred_ft"], dpo_betas=(0.1,), rpo_alpha=0.0,
+                       steps=2, eval_every=2, seeds=2, seeded=("dpo",), eval_samples=2, kl_samples=1)
+    rows = [json.loads(line) for line in open(results)]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("dpo", 0), ("dpo", 1), ("preferred_ft", 0),
+                                                              ("reference", 0)]
+    scale = imdb.SCALES["smoke"]
+    for r in rows:
+        assert (r["samples"], r["kl_samples"]) == (2 * scale.eval_prompts, scale.eval_prompts)
+        assert r["reward_se"] > 0 and r["kl_se"] is not None
+    # The first seed keeps the plain folder (notebook 03 reads it), the second its own; different data orders.
+    losses = [[m["loss"] for m in map(json.loads, open(tmp_path / folder / "metrics.jsonl")) if m["split"] == "train"]
+              for folder in ("dpo-beta0.1", "dpo-beta0.1-seed1")]
+    assert len(losses[0]) == len(losses[1]) == 2 and losses[0] != losses[1]
+
+
+def test_gpu_preset_code_path_runs_on_cpu_with_tiny_stand_ins(tmp_path):
+    # The gpu preset as it is (grids, seeds, samples per prefix, bf16), only the sizes and the assets
+    # replaced. On a CPU the run stays fp32 (bf16 autocast there is slow and partial): summary says so.
+    scale = imdb.SCALES["gpu"]
+    assert scale.dtype == "bf16" and scale.seeds >= 3
+    results = imdb.run("gpu", out=str(tmp_path), model="tiny", reward="toy", train_prompts=4, eval_prompts=3,
+                       new_tokens=6, steps=2, eval_every=2, ppo_eval_every=1, batch_size=4, samples=3, eval_samples=2,
+                       seeds=2, dpo_betas=scale.dpo_betas[:2], ul_alphas=scale.ul_alphas[:1], best_of=(2,),
+                       ppo=dict(iterations=1, rollouts=4, minibatch=4, ppo_epochs=1, horizon=4),
+                       reward_model=dict(epochs=1, batch_size=4, eval_every=1), device="cpu")
+    rows = [json.loads(line) for line in open(results)]
+    assert {r["method"] for r in rows} == {"reference", "dpo", "dpo+nll", "preferred_ft", "unlikelihood", "ppo_gt",
+                                          "ppo", "best_of_n"}
+    seeds = {(r["method"], str(r["param"])): set() for r in rows}
+    for r in rows:
+        seeds[(r["method"], str(r["param"]))].add(r["seed"])
+    assert seeds[("dpo", "0.05")] == seeds[("ppo_gt", "3.0")] == {0, 1} and seeds[("ppo", "12.0")] == {0}
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["dtype"] == "fp32" and summary["config"]["dtype"] == "bf16"
+    assert len(summary["ppo_history"]) == 2 * 2 + 2  # PPO-GT: 2 targets x 2 seeds; PPO: 2 targets
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000 and (tmp_path / "dynamics.png").exists()

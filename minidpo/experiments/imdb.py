@@ -1,8 +1,11 @@
 """The IMDb sentiment experiment (paper Fig. 2 left): the reward-vs-KL frontier of every method.
 
-    python -m minidpo.experiments.imdb --scale smoke     # tiny random GPT-2, toy reward: ~1 minute
-    python -m minidpo.experiments.imdb --scale laptop    # SmolLM2-135M-Instruct + VADER, offline, 2 CPU cores
-    python -m minidpo.experiments.imdb --scale paper     # gpt2-large SFT on IMDb + siebert classifier, on a GPU
+    python -m minidpo.experiments.imdb --scale smoke        # tiny random GPT-2, toy reward: ~1 minute
+    python -m minidpo.experiments.imdb --scale laptop       # SmolLM2-135M-Instruct + VADER, offline: ~30 min, 2 cores
+    python -m minidpo.experiments.imdb --scale laptop_long  # the same with 3 seeds, SE 0.02 per point: ~3 h, 2 cores
+    python -m minidpo.experiments.imdb --scale gpu          # the same assets, paper-sized budgets, bf16: one H100
+    python -m minidpo.experiments.imdb --scale paper        # gpt2-large SFT on IMDb + siebert classifier, on a GPU
+    python -m minidpo.experiments.imdb --scale laptop --estimate   # the estimated time only
 
 1. prompts: review prefixes of 2-8 tokens, split into training and held-out prefixes;
 2. the reference policy: the model as shipped (smoke, laptop), or fine-tuned on IMDb reviews (paper);
@@ -12,14 +15,18 @@
    sweep, the core train()), Preferred-FT, Unlikelihood (alpha sweep; the paper's sequence-level form),
    PPO with a learned Bradley-Terry reward model (the LM with a scalar head, Eq. 2) and PPO-GT with the
    ground-truth reward, each at every target KL, Best-of-N with the learned reward model;
-5. every few steps, each policy is sampled on the held-out prefixes: mean ground-truth reward and mean
-   sequence-level KL(pi || pi_ref) (the sum of exact per-token KLs along the policy's samples);
-6. results.jsonl (one row per method, hyper-parameter and step) and frontier.png.
+5. every few steps, each policy is sampled on the held-out prefixes (eval_samples per prefix): mean
+   ground-truth reward and mean sequence-level KL(pi || pi_ref) (the sum of exact per-token KLs along the
+   policy's samples), each with its standard error clustered by prefix; DPO and the methods in `seeded`
+   train with `seeds` seeds;
+6. results.jsonl (one row per method, hyper-parameter, seed and step: reward, reward_se, kl, kl_se),
+   summary.json, frontier.png (mean over seeds, error bars) and dynamics.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -70,6 +77,7 @@ class Scale:
     seeds: int = 1  # training seeds (seed, seed + 1, ...) of the methods in `seeded`; the others run once
     seeded: tuple[str, ...] = ("dpo", "ppo_gt", "ppo")
     dtype: str = "fp32"  # "bf16": autocast on a GPU (on a CPU the run stays fp32)
+    sample_batch: int = 32  # prompts per generate() call (a GPU wants hundreds)
 
 
 SCALES = {
@@ -77,16 +85,46 @@ SCALES = {
                    ppo_eval_every=2, batch_size=8, lr=3e-3,
                    ppo=dict(iterations=4, rollouts=8, minibatch=4, ppo_epochs=2, lr=3e-3),
                    reward_model=dict(epochs=2, batch_size=8, lr=1e-3, eval_every=4), best_of=(4,)),
-    "laptop": Scale(model="smollm2", reward="vader", train_prompts=64, eval_prompts=32, new_tokens=24, steps=32,
-                    eval_every=16, ppo_eval_every=4, batch_size=8, lr=1e-4, train_layers=4,
-                    ppo=dict(iterations=8, rollouts=32, minibatch=8, ppo_epochs=2, lr=2e-5),
-                    reward_model=dict(epochs=3, batch_size=8, lr=5e-5, train_layers=4, eval_every=16)),
+    # The quick look, designed for ~29 min alone on 2 cores (estimate_seconds; printed at the start): the
+    # paper's grids, one seed, top 4 blocks trained, one evaluation at the end of each run. 64 prefixes x 4
+    # samples: 384 pairs (one epoch in 48 steps of 8). Held-out: 64 prefixes x 4 samples = 256 rewards per
+    # point, standard error ~0.03 for VADER's std 0.5 (not 0.02: that is laptop_long's); KL on one sample
+    # per prefix. PPO's horizon is one rollout batch, so kl_coef can move x0.8 or x1.2 per iteration.
+    "laptop": Scale(model="smollm2", reward="vader", train_prompts=64, eval_prompts=64, new_tokens=24, steps=48,
+                    eval_every=48, ppo_eval_every=12, batch_size=8, lr=5e-5, train_layers=4,
+                    dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.1, 1.0), ppo_targets=(1.0, 4.0),
+                    ppo=dict(iterations=12, rollouts=16, minibatch=8, ppo_epochs=2, lr=2e-5, horizon=16),
+                    reward_model=dict(epochs=1, batch_size=8, lr=5e-5, train_layers=4, eval_every=24),
+                    best_of=(4, 16), eval_samples=4, kl_samples=1),
+    # The evidence, designed for ~3 h alone on 2 cores: 3 seeds of DPO and PPO-GT, 134 prefixes x 4 samples
+    # (804 pairs, 1.3 epochs in 128 steps), the top 6 blocks trained, two evaluations per run. Held-out:
+    # 80 prefixes x 8 samples = 640 rewards per point, standard error 0.5 / sqrt(640) = 0.020.
+    "laptop_long": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=24,
+                         steps=128, eval_every=64, ppo_eval_every=16, batch_size=8, lr=5e-5, train_layers=6,
+                         dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.1, 1.0), ppo_targets=(1.0, 4.0),
+                         ppo=dict(iterations=32, rollouts=16, minibatch=8, ppo_epochs=2, lr=2e-5, horizon=32),
+                         reward_model=dict(epochs=2, batch_size=8, lr=5e-5, train_layers=6, eval_every=50),
+                         best_of=(4, 16), best_of_picks=2, eval_samples=8, kl_samples=1, seeds=3,
+                         seeded=("dpo", "ppo_gt")),
+    # The same offline assets with paper-sized budgets for one GPU (bf16 autocast), designed for ~15 min on an
+    # H100 by estimate_seconds with ASSUMED (unmeasured) H100 costs: time it and scale `steps` to fit. Every
+    # block trained; 134 prefixes x 12 samples: ~8.8k pairs (the paper's pair counts from more samples per
+    # prefix: only 214 prefixes ship); 100 steps of 64 pairs; 3 seeds of DPO and PPO-GT. Held-out: 80
+    # prefixes x 16 samples = 1280 rewards per point, standard error 0.5 / sqrt(1280) = 0.014.
+    "gpu": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=48, steps=100,
+                 eval_every=50, ppo_eval_every=18, batch_size=64, lr=5e-6, train_layers=0,
+                 dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.1, 1.0), ppo_targets=(3.0, 12.0),
+                 ppo=dict(iterations=36, rollouts=64, minibatch=16, ppo_epochs=4, lr=1.4e-5, horizon=128),
+                 reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=50), best_of=(4, 16, 64),
+                 samples=12, eval_samples=16, kl_samples=2, seeds=3, seeded=("dpo", "ppo_gt"), dtype="bf16",
+                 sample_batch=256),
     "paper": Scale(model="gpt2-large", reward="siebert/sentiment-roberta-large-english", train_prompts=25_000,
                    eval_prompts=512, new_tokens=48, steps=1500, eval_every=100, ppo_eval_every=10, batch_size=64,
                    lr=1e-6,
                    dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.05, 0.1, 0.5, 1.0), ppo_targets=(3.0, 6.0, 9.0, 12.0),
                    ppo=dict(iterations=200, rollouts=64, minibatch=16, lr=1.4e-5), best_of=(4, 16, 64, 128),
-                   reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=100), sft_epochs=1.0),
+                   reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=100), sft_epochs=1.0,
+                   dtype="bf16"),
 }
 
 
@@ -98,11 +136,12 @@ SCALES = {
 # sampling per generated token (64 prompts x 48 tokens: 15 s), KL per completion token (64 x 48: 17 s).
 LAPTOP_COSTS = {"load": 20.0, "forward_token": 1.6 / (16 * 56), "train_token_per_block": 0.15 / (16 * 56),
                 "sample_token": 15 / (64 * 48), "kl_token": 17 / (64 * 48), "blocks": 30, "prompt_tokens": 6}
-# One H100, bf16: NOT measured, assumed (small batches of a 135M model are bound by kernel launches, not
-# FLOPs): ~60x the laptop's throughput for sampling in batches of 256, ~100x for training and KL passes.
-H100_COSTS = {**LAPTOP_COSTS, "load": 30.0, "forward_token": LAPTOP_COSTS["forward_token"] / 100,
-              "train_token_per_block": LAPTOP_COSTS["train_token_per_block"] / 100,
-              "sample_token": LAPTOP_COSTS["sample_token"] / 60, "kl_token": LAPTOP_COSTS["kl_token"] / 100}
+# One H100, bf16: NOT measured, assumed from FLOPs (~100 TFLOP/s reached on a 135M model's batches, the
+# laptop's 0.12): ~300x for training and KL passes; sampling is bound by one small step per token, ~50x
+# in batches of 256 (Scale.sample_batch). Replace with measured costs when a GPU run has been timed.
+H100_COSTS = {**LAPTOP_COSTS, "load": 30.0, "forward_token": LAPTOP_COSTS["forward_token"] / 300,
+              "train_token_per_block": LAPTOP_COSTS["train_token_per_block"] / 300,
+              "sample_token": LAPTOP_COSTS["sample_token"] / 50, "kl_token": LAPTOP_COSTS["kl_token"] / 300}
 
 
 def estimate_seconds(scale, methods=None, costs=LAPTOP_COSTS):
@@ -218,31 +257,56 @@ def preference_pairs(prompts, completions, rewards):
     return records, ties
 
 
-class Evaluator:
-    """Samples a policy on the held-out prefixes: mean ground-truth reward and sequence KL to the reference."""
+def mean_and_se(values, groups):
+    """The mean of `values` and its standard error, clustered by group (samples of one prefix share it):
+    the std of the group means over sqrt(number of groups). groups: one label per value. With one value
+    per group, the usual std / sqrt(n). None if there are fewer than 2 groups."""
+    by_group = {}
+    for value, group in zip(values, groups):
+        by_group.setdefault(group, []).append(value)
+    means = [sum(v) / len(v) for v in by_group.values()]
+    mean = sum(values) / len(values)
+    if len(means) < 2:
+        return mean, None
+    grand = sum(means) / len(means)
+    return mean, math.sqrt(sum((m - grand) ** 2 for m in means) / (len(means) - 1) / len(means))
 
-    def __init__(self, reference, tokenizer, prompts, reward_fn, new_tokens, results_path, seed=0):
+
+class Evaluator:
+    """Samples a policy on the held-out prefixes, `samples` times each: the mean ground-truth reward and the
+    mean sequence KL to the reference (on the first `kl_samples` samples of each prefix; 0: all), each with
+    its standard error clustered by prefix."""
+
+    def __init__(self, reference, tokenizer, prompts, reward_fn, new_tokens, results_path, seed=0, samples=1,
+                 kl_samples=0, batch_size=32):
         self.reference, self.tokenizer, self.prompts = reference, tokenizer, prompts
         self.reward_fn, self.new_tokens, self.path, self.seed = reward_fn, new_tokens, results_path, seed
+        self.samples, self.kl_samples, self.batch_size = samples, kl_samples or samples, batch_size
         self.pad = tokenizer.pad_token_id
 
     def score(self, samples):
         return self.reward_fn([s["prompt"] + s["completion"] for s in samples])
 
-    def __call__(self, policy, method, param, step):
-        samples = generate(policy, self.tokenizer, self.prompts, self.new_tokens, seed=self.seed + 7)
-        rewards = self.score(samples)
-        kl = sequence_kl(policy, self.reference, samples, self.pad)
-        row = {"method": method, "param": param, "step": step, "reward": sum(rewards) / len(rewards),
-               "kl": kl.mean().item(), "example": samples[0]["prompt"] + samples[0]["completion"]}
+    def __call__(self, policy, method, param, step, seed=None):
+        prefix_of = [i for i in range(len(self.prompts)) for _ in range(self.samples)]
+        samples = generate(policy, self.tokenizer, [self.prompts[i] for i in prefix_of], self.new_tokens,
+                           batch_size=self.batch_size, seed=self.seed + 7)
+        reward, reward_se = mean_and_se(self.score(samples), prefix_of)
+        measured = [k for k in range(len(samples)) if k % self.samples < self.kl_samples]
+        kls = sequence_kl(policy, self.reference, [samples[k] for k in measured], self.pad).tolist()
+        kl, kl_se = mean_and_se(kls, [prefix_of[k] for k in measured])
+        row = {"method": method, "param": param, "step": step, "seed": self.seed if seed is None else seed,
+               "reward": reward, "reward_se": reward_se, "kl": kl, "kl_se": kl_se, "samples": len(samples),
+               "kl_samples": len(measured), "example": samples[0]["prompt"] + samples[0]["completion"]}
         self.write(row)
         return row
 
     def write(self, row):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"  {row['method']:14s} {str(row['param']):>6s} step {row['step']:4d}: reward {row['reward']:+.3f}  "
-              f"KL {row['kl']:.3f}", flush=True)
+        se = f" ± {row['reward_se']:.3f}" if row.get("reward_se") is not None else ""
+        print(f"  {row['method']:14s} {str(row['param']):>6s} seed {row.get('seed', '-')} step {row['step']:4d}: "
+              f"reward {row['reward']:+.3f}{se}  KL {row['kl']:.3f}", flush=True)
 
 
 # ---- the experiment ----------------------------------------------------------------------------------
@@ -254,6 +318,33 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     os.makedirs(out, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     methods = methods or ["dpo", "preferred_ft", "unlikelihood", "ppo_gt", "ppo", "best_of_n"]
+    bf16 = scale.dtype == "bf16" and device.type == "cuda"  # on a CPU (tests, laptops) the run stays fp32
+    print_estimate(scale, methods, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        return run_experiment(scale, scale_name, out, seed, methods, device, "bf16" if bf16 else "fp32")
+
+
+def print_estimate(scale, methods, device):
+    if scale.model == "tiny":
+        return
+    costs, where = (H100_COSTS, "one H100 (assumed costs)") if device.type == "cuda" else (LAPTOP_COSTS, "2 CPU cores")
+    parts = estimate_seconds(scale, methods, costs)
+    detail = ", ".join(f"{k} {v / 60:.0f}" for k, v in parts.items() if k not in ("total", "evaluation (each)"))
+    print(f"estimated time on {where}: {parts['total'] / 60:.0f} min ({detail} min); expected standard error of a "
+          f"point's mean reward ~{reward_standard_error(scale):.3f}", flush=True)
+
+
+def run_seeds(scale, method, seed):
+    """The training seeds of a method: scale.seeds of them if it is in scale.seeded, else one."""
+    return [seed + k for k in range(scale.seeds if method in scale.seeded else 1)]
+
+
+def seed_folder(folder, run_seed, seed):
+    """The run's folder: the first seed's keeps the plain name (notebooks read it), the others get -seed<N>."""
+    return folder if run_seed == seed else f"{folder}-seed{run_seed}"
+
+
+def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
     results_path = os.path.join(out, "results.jsonl")
     open(results_path, "w").close()
     started = time.time()
@@ -270,12 +361,14 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
               f"{summary_sft['steps']} steps")
     reference.eval().requires_grad_(False)
     train_prompts, eval_prompts = load_prompts(scale, tokenizer, seed)
-    evaluate = Evaluator(reference, tokenizer, eval_prompts, reward_fn, scale.new_tokens, results_path, seed)
-    print(f"[{time.time() - started:5.0f}s] {len(train_prompts)} training and {len(eval_prompts)} held-out prefixes")
+    evaluate = Evaluator(reference, tokenizer, eval_prompts, reward_fn, scale.new_tokens, results_path, seed,
+                         scale.eval_samples, scale.kl_samples, scale.sample_batch)
+    print(f"[{time.time() - started:5.0f}s] {len(train_prompts)} training and {len(eval_prompts)} held-out prefixes "
+          f"(x {scale.eval_samples} samples each per evaluation)")
 
-    # Preference pairs: 4 reference samples per prefix, ranked by the ground-truth reward.
+    # Preference pairs: `samples` reference samples per prefix, ranked by the ground-truth reward.
     samples = generate(reference, tokenizer, [p for p in train_prompts for _ in range(scale.samples)],
-                       scale.new_tokens, seed=seed)
+                       scale.new_tokens, batch_size=scale.sample_batch, seed=seed)
     groups = [samples[i:i + scale.samples] for i in range(0, len(samples), scale.samples)]
     completions = [[s["completion"] for s in group] for group in groups]
     rewards = [evaluate.score(group) for group in groups]
@@ -286,7 +379,7 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     print(f"[{time.time() - started:5.0f}s] {len(pairs)} preference pairs ({ties} ties and {empty} empty "
           f"completions dropped)")
     summary = {"scale": scale_name, "seed": seed, "config": asdict(scale), "pairs": len(pairs), "ties": ties,
-               "empty_completions": empty}
+               "empty_completions": empty, "dtype": dtype}
     if scale.sft_epochs:
         summary["sft"] = summary_sft
 
@@ -295,30 +388,34 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     def fresh_policy():  # a copy of the reference: dropout already off
         return freeze_all_but_top(copy.deepcopy(reference).requires_grad_(True).train(), scale.train_layers)
 
-    def evaluating(method, param, every=scale.eval_every):
-        return lambda step, policy: evaluate(policy, method, param, step) if step and step % every == 0 else None
+    def evaluating(method, param, run_seed, every=scale.eval_every):
+        return lambda step, policy: (evaluate(policy, method, param, step, run_seed) if step and step % every == 0
+                                     else None)
 
     if "dpo" in methods:
         runs = [(beta, 0.0) for beta in scale.dpo_betas]
         runs += [(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else []
         for beta, rpo in runs:
             name = "dpo" if not rpo else "dpo+nll"
-            config = dpo.TrainConfig(out=os.path.join(out, f"{name}-beta{beta}"), beta=beta, rpo_alpha=rpo,
-                                     batch_size=scale.batch_size, optimizer="adamw", lr=scale.lr, warmup_steps=0,
-                                     max_steps=scale.steps, eval_every=scale.eval_every, max_length=256,
-                                     max_prompt_length=64, precompute_ref=True, overwrite=True, progress=False,
-                                     save_every=scale.steps, seed=seed)  # one checkpoint, at the end
-            dpo.train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
-                      callback=evaluating(name, beta))
-            print(f"[{time.time() - started:5.0f}s] {name} beta={beta} done")
+            for run_seed in run_seeds(scale, name, seed):
+                config = dpo.TrainConfig(out=seed_folder(os.path.join(out, f"{name}-beta{beta}"), run_seed, seed),
+                                         beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer="adamw",
+                                         lr=scale.lr, warmup_steps=0, max_steps=scale.steps,
+                                         eval_every=scale.eval_every, max_length=256, max_prompt_length=64,
+                                         precompute_ref=True, overwrite=True, progress=False, dtype=dtype,
+                                         save_every=scale.steps, seed=run_seed)  # one checkpoint, at the end
+                dpo.train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
+                          callback=evaluating(name, beta, run_seed))
+                print(f"[{time.time() - started:5.0f}s] {name} beta={beta} seed {run_seed} done")
     for method in BASELINES:  # unlikelihood_token (Welleck's bounded form) runs only when asked for
         params = [None] if method == "preferred_ft" else scale.ul_alphas
         if method in methods:
             for alpha in params:
-                train_baseline(method, fresh_policy(), tokenizer, pairs, steps=scale.steps, batch_size=scale.batch_size,
-                               lr=scale.lr, alpha=alpha or 0.0, seed=seed,
-                               callback=evaluating(method, alpha if alpha is not None else "-"))
-                print(f"[{time.time() - started:5.0f}s] {method} {alpha} done")
+                for run_seed in run_seeds(scale, method, seed):
+                    train_baseline(method, fresh_policy(), tokenizer, pairs, steps=scale.steps,
+                                   batch_size=scale.batch_size, lr=scale.lr, alpha=alpha or 0.0, seed=run_seed,
+                                   callback=evaluating(method, alpha if alpha is not None else "-", run_seed))
+                    print(f"[{time.time() - started:5.0f}s] {method} {alpha} seed {run_seed} done")
 
     # A Bradley-Terry reward model (Eq. 2) on the same pairs, for PPO and Best-of-N: the reference with a
     # scalar head, its best validation checkpoint kept, its accuracy measured on pairs of held-out prompts.
@@ -334,33 +431,34 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
         def learned_reward(batch):
             return reward_model.score([s["prompt"] for s in batch], [s["completion"] for s in batch])
 
+    summary["ppo_history"] = {}
     for method in ("ppo_gt", "ppo"):
         if method in methods:
             for target in scale.ppo_targets:  # the same targets with the ground truth and the learned reward
-                config = PPOConfig(max_new_tokens=scale.new_tokens, target_kl=target, seed=seed, **scale.ppo)
-                score = evaluate.score if method == "ppo_gt" else learned_reward
-                ppo_train(fresh_policy(), reference, tokenizer, train_prompts, score, config,
-                          callback=evaluating(method, target, scale.ppo_eval_every))
-                print(f"[{time.time() - started:5.0f}s] {method} target KL {target} done")
+                for run_seed in run_seeds(scale, method, seed):
+                    config = PPOConfig(max_new_tokens=scale.new_tokens, target_kl=target, seed=run_seed, **scale.ppo)
+                    score = evaluate.score if method == "ppo_gt" else learned_reward
+                    history = ppo_train(fresh_policy(), reference, tokenizer, train_prompts, score, config,
+                                        callback=evaluating(method, target, run_seed, scale.ppo_eval_every))
+                    summary["ppo_history"][f"{method} target {target} seed {run_seed}"] = history
+                    print(f"[{time.time() - started:5.0f}s] {method} target KL {target} seed {run_seed} done: "
+                          f"kl_coef {config.init_kl_coef} -> {history[-1]['kl_coef']:.4f}, "
+                          f"sampled KL {history[-1]['kl']:.2f}")
 
     if "best_of_n" in methods:
         for n in scale.best_of:
-            candidates = generate(reference, tokenizer, [p for p in eval_prompts for _ in range(n)], scale.new_tokens,
-                                  seed=seed + 11)
-            scores = learned_reward(candidates)
-            best = [max(range(i, i + n), key=lambda k: scores[k]) for i in range(0, len(candidates), n)]
-            gt = evaluate.score([candidates[k] for k in best])
-            example = candidates[best[0]]["prompt"] + candidates[best[0]]["completion"]
-            evaluate.write({"method": "best_of_n", "param": n, "step": 0, "reward": sum(gt) / len(gt),
-                            "kl": best_of_n_kl(n), "example": example})
+            for run_seed in run_seeds(scale, "best_of_n", seed):
+                evaluate.write(best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward,
+                                             evaluate.score, run_seed))
 
     summary["seconds"] = time.time() - started
-    summary["reference"] = {"reward": base["reward"], "kl": base["kl"]}
+    summary["reference"] = {"reward": base["reward"], "reward_se": base["reward_se"], "kl": base["kl"]}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    from .plots import plot_dynamics, plot_frontier
+    from .plots import plot_dynamics, plot_frontier, reward_axis_label
     figure = plot_frontier(results_path, os.path.join(out, "frontier.png"),
-                           title=f"IMDb sentiment, {scale_name} scale: reward vs KL")
+                           title=f"IMDb sentiment, {scale_name} scale: reward vs KL",
+                           ylabel=reward_axis_label(scale.reward))
     if "dpo" in methods and scale.rpo_alpha:
         beta = scale.dpo_betas[0]
         import matplotlib.pyplot as plt
@@ -371,6 +469,20 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
                                 figure_path=os.path.join(out, "dynamics.png")))
     print(f"[{time.time() - started:5.0f}s] results: {results_path}\nfigure: {figure}")
     return results_path
+
+
+def best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward, ground_truth, seed):
+    """Best-of-N: for each held-out prefix, best_of_picks times, the best of n reference samples by the
+    learned reward, scored by the ground truth. Its KL is the analytic bound log n - (n - 1) / n."""
+    prefix_of = [i for i in range(len(eval_prompts)) for _ in range(scale.best_of_picks)]
+    candidates = generate(reference, tokenizer, [eval_prompts[i] for i in prefix_of for _ in range(n)],
+                          scale.new_tokens, batch_size=scale.sample_batch, seed=seed + 11)
+    scores = learned_reward(candidates)
+    best = [max(range(i, i + n), key=lambda k: scores[k]) for i in range(0, len(candidates), n)]
+    reward, reward_se = mean_and_se(ground_truth([candidates[k] for k in best]), prefix_of)
+    return {"method": "best_of_n", "param": n, "step": 0, "seed": seed, "reward": reward, "reward_se": reward_se,
+            "kl": best_of_n_kl(n), "kl_se": 0.0, "kl_is_bound": True, "samples": len(best), "kl_samples": 0,
+            "example": candidates[best[0]]["prompt"] + candidates[best[0]]["completion"]}
 
 
 def sft_reference(reference, tokenizer, scale, seed):
@@ -392,9 +504,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=None,
                         help="subset of: dpo preferred_ft unlikelihood unlikelihood_token ppo_gt ppo best_of_n")
+    parser.add_argument("--estimate", action="store_true", help="print the estimated run time and stop")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override fields of the scale, e.g. --set model=gpt2 steps=200 dpo_betas=0.1,1")
     args = parser.parse_args(argv)
+    if args.estimate:
+        scale = dataclasses.replace(SCALES[args.scale], **parse_overrides(args.set, Scale))
+        return print_estimate(scale, args.methods, torch.device("cuda" if scale.dtype == "bf16" else "cpu"))
     run(args.scale, args.out, args.seed, args.methods, **parse_overrides(args.set, Scale))
 
 
@@ -407,9 +523,9 @@ def parse_overrides(items, scale_class):
         if name not in types:
             raise SystemExit(f"unknown field {name!r}; fields: {', '.join(types)}")
         kind = str(types[name])
-        if "tuple" in kind:  # tuple[int, ...] items as ints (best_of=4,16), others as floats
-            item_type = int if "int" in kind else float
-            out[name] = tuple(item_type(v) for v in value.split(",") if v.strip())
+        if "tuple" in kind:  # tuple[int, ...] items as ints (best_of=4,16), tuple[str, ...] as strings, others floats
+            item_type = int if "int" in kind else str if "str" in kind else float
+            out[name] = tuple(item_type(v.strip()) for v in value.split(",") if v.strip())
         elif "dict" in kind:
             out[name] = json.loads(value)
         elif "int" in kind:

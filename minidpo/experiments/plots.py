@@ -18,16 +18,6 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def upper_frontier(points):
-    """The points no other point beats on both axes (lower KL and higher reward), sorted by KL."""
-    frontier, best = [], float("-inf")
-    for kl, reward in sorted(points):
-        if reward > best:
-            frontier.append((kl, reward))
-            best = reward
-    return frontier
-
-
 def _pyplot():
     import matplotlib
     if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "module://ipykernel")):
@@ -36,48 +26,138 @@ def _pyplot():
     return plt
 
 
-def draw_frontier(rows, ax, title="reward vs KL"):
-    """One colour per method, every evaluated checkpoint a point, each method's frontier a line (from
-    the reference policy, where every method starts)."""
-    start = [(r["kl"], r["reward"]) for r in rows if r["method"] == "reference"]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = [(r["kl"], r["reward"]) for r in rows if r["method"] == method]
-        if method == "reference":
-            ax.plot(*points[0], "k*", ms=14, label="reference policy")
+PARAM_NAMES = {"dpo": "β", "dpo+nll": "β", "unlikelihood": "α", "unlikelihood_token": "α", "ppo": "KL target",
+               "ppo_gt": "KL target", "best_of_n": "N"}
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def reward_axis_label(reward):
+    """The frontier's y-axis for a scale's ground-truth reward ("vader", "toy" or a classifier's name)."""
+    if reward == "vader":
+        return "VADER compound score, −1 … 1"
+    if reward == "toy":
+        return "toy reward: share of vowels, 0 … 1"
+    return f"P(positive) by {reward}, 0 … 1"
+
+
+def seed_mean(rows):
+    """One point per (method, param, step): the mean over seeds of reward and KL, with error bars: over
+    2 or more seeds the standard error of the seed means (training and evaluation noise together), with
+    one seed the row's own standard error (reward_se, kl_se; None where a row has none). In row order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["method"], str(r["param"]), r["step"]), []).append(r)
+    points = []
+    for (method, _, step), group in groups.items():
+        point = {"method": method, "param": group[0]["param"], "step": step, "seeds": len(group),
+                 "kl_is_bound": group[0].get("kl_is_bound", False)}
+        for key in ("reward", "kl"):
+            values = [r[key] for r in group]
+            point[key] = sum(values) / len(values)
+            if len(values) > 1:
+                variance = sum((v - point[key]) ** 2 for v in values) / (len(values) - 1)
+                point[f"{key}_err"] = (variance / len(values)) ** 0.5
+            else:
+                point[f"{key}_err"] = group[0].get(f"{key}_se")
+        points.append(point)
+    return points
+
+
+def param_label(method, param):
+    name = PARAM_NAMES.get(method)
+    return f"{name} = {param}" if name else ""
+
+
+def draw_frontier(rows, ax, title="reward vs KL", ylabel="mean ground-truth reward", annotate=True):
+    """One line per method and hyper-parameter (β, α, KL target), from the reference policy (where every
+    method starts) through its evaluated checkpoints in step order; each point the mean over seeds with
+    error bars, labelled with the hyper-parameter and step. Best-of-N is drawn at its KL's analytic
+    bound, log N − (N−1)/N (the true KL is at most that): hollow markers with a bar down to KL 0."""
+    points = seed_mean(rows)
+    start = [p for p in points if p["method"] == "reference"]
+    if start:
+        ax.plot(start[0]["kl"], start[0]["reward"], "k*", ms=14, label="reference policy", zorder=5)
+    methods = list(dict.fromkeys(p["method"] for p in points if p["method"] != "reference"))
+    for method in methods:
+        mine = [p for p in points if p["method"] == method]
+        if method == "best_of_n":
+            draw_best_of_n(ax, mine, annotate)
             continue
-        color = COLORS.get(method)
-        ax.scatter(*zip(*points), color=color, alpha=0.45, s=22)
-        ax.plot(*zip(*upper_frontier(points + start)), "-o", color=color, ms=4, label=LABELS.get(method, method))
-    ax.set(title=title, xlabel="KL(π ‖ π_ref)  (nats, sequence level)", ylabel="mean ground-truth reward")
+        params = list(dict.fromkeys(str(p["param"]) for p in mine))
+        for param, style in zip(params, LINE_STYLES * len(params)):
+            line = sorted((p for p in mine if str(p["param"]) == param), key=lambda p: p["step"])
+            label = " ".join(filter(None, (LABELS.get(method, method), param_label(method, line[0]["param"]))))
+            seeds = max(p["seeds"] for p in line)
+            label += f" ({seeds} seeds)" if seeds > 1 else ""
+            series = start[:1] + line
+            ax.errorbar([p["kl"] for p in series], [p["reward"] for p in series],
+                        xerr=[p["kl_err"] or 0 for p in series], yerr=[p["reward_err"] or 0 for p in series],
+                        fmt="o" + style, color=COLORS.get(method), ms=4, lw=1.2, capsize=2, elinewidth=0.8,
+                        label=label)
+            if annotate:
+                for p in line:
+                    ax.annotate(f"{param_label(method, p['param']) or LABELS.get(method, method)}, step {p['step']}",
+                                (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                                color=COLORS.get(method))
+    ax.set(title=title, xlabel="KL(π ‖ π_ref)  (nats, sequence level, on held-out prefixes)", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
 
 
-def plot_frontier(results_path, figure_path, title="reward vs KL"):
+def draw_best_of_n(ax, points, annotate=True):
+    points = sorted(points, key=lambda p: p["param"])
+    kls = [p["kl"] for p in points]
+    ax.errorbar(kls, [p["reward"] for p in points], xerr=[kls, [0] * len(kls)],
+                yerr=[p["reward_err"] or 0 for p in points], fmt="D--", mfc="none", color=COLORS["best_of_n"],
+                ms=6, lw=1, capsize=2, elinewidth=0.6,
+                label="Best-of-N at its KL bound log N − (N−1)/N (true KL ≤ bound)")
+    if annotate:
+        for p in points:
+            ax.annotate(f"N = {p['param']}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -9),
+                        fontsize=6, color=COLORS["best_of_n"])
+
+
+def plot_frontier(results_path, figure_path, title="reward vs KL", ylabel="mean ground-truth reward"):
     """draw_frontier for a results.jsonl, saved to figure_path; returns the path."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    draw_frontier(read_jsonl(results_path), ax, title)
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    draw_frontier(read_jsonl(results_path), ax, title, ylabel)
     fig.tight_layout()
     fig.savefig(figure_path, dpi=100)
     plt.close(fig)
     return figure_path
 
 
-def plot_dynamics(runs, title="DPO training dynamics", figure_path=None):
-    """Chosen/rejected implicit rewards, the margin and the policy log-probs over training.
-    runs: {label: folder holding a train() metrics.jsonl}. Returns the figure (saved if figure_path)."""
+def smooth(values, window):
+    """Trailing moving average over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_dynamics(runs, title="DPO training dynamics", figure_path=None, window=None):
+    """Chosen/rejected implicit rewards, the margin and the policy log-probs over training, each smoothed
+    (a trailing moving average of `window` steps, default ~1/8 of the run; the raw values faint).
+    runs: {label: folder holding a train() metrics.jsonl}, e.g. DPO with and without rpo_alpha.
+    Returns the figure (saved if figure_path)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for (name, folder), style in zip(runs.items(), ("-", "--", ":")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for (name, folder), style in zip(runs.items(), LINE_STYLES):
         rows = [r for r in read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["split"] == "train"]
         steps = [r["step"] for r in rows]
+        width = window or max(1, len(rows) // 8)
         for key, ax, color in (("rewards/chosen", 0, "C2"), ("rewards/rejected", 0, "C3"), ("rewards/margin", 1, "C0"),
                                ("logps/chosen", 2, "C2"), ("logps/rejected", 2, "C3")):
-            axes[ax].plot(steps, [r[key] for r in rows], style, color=color, label=f"{key.split('/')[1]}, {name}")
+            raw = [r[key] for r in rows]
+            axes[ax].plot(steps, raw, style, color=color, alpha=0.2, lw=0.8)
+            axes[ax].plot(steps, smooth(raw, width), style, color=color, lw=1.8,
+                          label=f"{key.split('/')[1]}, {name}")
     for ax, sub, ylabel in zip(axes, ("implicit rewards", "margin (chosen − rejected)", "policy log-probs"),
-                               ("β log π/π_ref", "β × nats", "log π(y|x)  (nats)")):
-        ax.set(title=sub, xlabel="optimizer step", ylabel=ylabel)
+                               ("β log π(y|x)/π_ref(y|x)  (nats × β)", "β × nats", "log π(y|x)  (nats)")):
+        ax.set(title=f"{sub} (faint: raw; bold: moving average)", xlabel="optimizer step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
