@@ -325,7 +325,7 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
 
 
 def print_estimate(scale, methods, device):
-    if scale.model == "tiny":
+    if scale.model != "smollm2":  # the costs are SmolLM2-135M's
         return
     costs, where = (H100_COSTS, "one H100 (assumed costs)") if device.type == "cuda" else (LAPTOP_COSTS, "2 CPU cores")
     parts = estimate_seconds(scale, methods, costs)

@@ -139,7 +139,7 @@ def smooth(values, window):
 
 def plot_dynamics(runs, title="DPO training dynamics", figure_path=None, window=None):
     """Chosen/rejected implicit rewards, the margin and the policy log-probs over training, each smoothed
-    (a trailing moving average of `window` steps, default ~1/8 of the run; the raw values faint).
+    (a trailing moving average of `window` steps, default 1/8 of the run, at least 2; the raw values faint).
     runs: {label: folder holding a train() metrics.jsonl}, e.g. DPO with and without rpo_alpha.
     Returns the figure (saved if figure_path)."""
     plt = _pyplot()
@@ -147,7 +147,7 @@ def plot_dynamics(runs, title="DPO training dynamics", figure_path=None, window=
     for (name, folder), style in zip(runs.items(), LINE_STYLES):
         rows = [r for r in read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["split"] == "train"]
         steps = [r["step"] for r in rows]
-        width = window or max(1, len(rows) // 8)
+        width = window or max(2, len(rows) // 8)
         for key, ax, color in (("rewards/chosen", 0, "C2"), ("rewards/rejected", 0, "C3"), ("rewards/margin", 1, "C0"),
                                ("logps/chosen", 2, "C2"), ("logps/rejected", 2, "C3")):
             raw = [r[key] for r in rows]
