@@ -204,7 +204,8 @@ def _load_raw(name_or_path, split, config_name=None, data_files=None, **load_kwa
             if bad is not None:
                 raise ValueError(f"{files}: every line must be a JSON object, got {type(bad).__name__}")
             return rows
-        return load_dataset(_FILE_BUILDERS[ext], data_files=files, split="train", **load_kwargs)
+        split = split if isinstance(files, dict) else "train"  # a dict names its splits; one file is "train"
+        return load_dataset(_FILE_BUILDERS[ext], data_files=files, split=split, **load_kwargs)
     return load_dataset(name_or_path, config_name or HUB_CONFIGS.get(name_or_path), split=split, **load_kwargs)
 
 

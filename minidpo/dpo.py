@@ -517,7 +517,7 @@ def precompute_reference_logps(reference, examples, pad_token_id, device, batch_
         indices = mine[start:start + 2 * batch_size]
         padded = [t.to(device) for t in pad_sequences([sequences[i] for i in indices], pad_token_id, padding_side)]
         with autocast():
-            logps[indices] = batch_logps(reference, *padded, average=average).float()
+            logps[indices] = batch_logps(reference, *padded, average=average, fast=True).float()  # as training
     all_reduce_sum(logps, world_size)
     positions = torch.tensor(positions, dtype=torch.long, device=device).reshape(-1, 2)  # (N, 2)
     return logps[positions[:, 0]], logps[positions[:, 1]]

@@ -137,6 +137,12 @@ def test_a_folder_of_split_files_loads_the_named_split(tmp_path):
     assert len(data.load_preferences(str(tmp_path), split="test")) == 3
 
 
+def test_data_files_by_split_load_the_named_split(tmp_path):
+    files = {"train": write_jsonl(tmp_path / "a.jsonl", toy_records(6)),
+             "test": write_jsonl(tmp_path / "b.jsonl", toy_records(3, seed=1))}
+    assert len(data.load_preferences("pairs", split="test", data_files=files)) == 3
+
+
 def test_conversational_records_without_a_prompt_are_detected(tmp_path):
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"

@@ -325,3 +325,16 @@ def test_cli_defaults_laptop_without_model_and_the_papers_with_one():
     assert (paper.beta, paper.batch_size, paper.optimizer, paper.lr, paper.warmup_steps) == \
         (0.1, 64, "rmsprop", 1e-6, 150)
     assert paper.dataset.endswith("preferences.jsonl") and options["format"] == "hh" and not paper.precompute_ref
+
+
+def test_precomputed_reference_logps_tie_with_the_policy_at_step_0(tokenizer):
+    # At step 0 the policy is the reference: the precomputed log-probs must be the training path's own numbers
+    # (the fast log-softmax), or float noise breaks every tie and the first accuracy is not 1/2.
+    examples, _ = minidpo.tokenize_records(tokenizer, toy_records(16))
+    policy = tiny_gpt2(vocab_size=257)
+    chosen, rejected = dpo.precompute_reference_logps(dpo.frozen_copy(policy), examples, tokenizer.pad_token_id,
+                                                      "cpu", batch_size=4)
+    with torch.no_grad():
+        for start in range(0, 16, 4):
+            live = dpo.concatenated_forward(policy, minidpo.collate(examples[start:start + 4], tokenizer.pad_token_id))
+            assert torch.equal(live[0], chosen[start:start + 4]) and torch.equal(live[1], rejected[start:start + 4])

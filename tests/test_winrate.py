@@ -41,7 +41,7 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     temperatures = set(scale.temperatures)
     base = "two_shot" if task == "hh" else "base"
     assert {r["temperature"] for r in rows if r["method"] == base} == (temperatures if task == "hh" else {0.0})
-    for method in ("preferred_ft", "dpo"):
+    for method in ("sft" if task == "tldr" else "preferred_ft", "dpo"):
         assert {r["temperature"] for r in rows if r["method"] == method} == temperatures
     best = [r for r in rows if r["method"] == "best_of_n"]
     assert {r["temperature"] for r in best} == temperatures - {0.0} and {r["best_of"] for r in best} == {4}

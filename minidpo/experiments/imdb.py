@@ -108,16 +108,17 @@ SCALES = {
                          seeded=("dpo", "ppo_gt")),
     # The same offline assets with paper-sized budgets for one GPU (bf16 autocast), designed for ~15 min on an
     # H100 by estimate_seconds with ASSUMED (unmeasured) H100 costs: time it and scale `steps` to fit. Every
-    # block trained; 134 prefixes x 12 samples: ~8.8k pairs (the paper's pair counts from more samples per
-    # prefix: only 214 prefixes ship); 100 steps of 64 pairs; 3 seeds of DPO and PPO-GT. Held-out: 80
-    # prefixes x 16 samples = 1280 rewards per point, standard error 0.5 / sqrt(1280) = 0.014.
-    "gpu": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=48, steps=100,
-                 eval_every=50, ppo_eval_every=18, batch_size=64, lr=5e-6, train_layers=0,
+    # block trained; 134 prefixes x 10 samples: ~6k pairs (the paper's pair counts from more samples per
+    # prefix: only 214 prefixes ship); 80 steps of 64 pairs; 3 seeds of DPO and PPO-GT. Held-out: 80
+    # prefixes x 16 samples = 1280 rewards per point, standard error 0.5 / sqrt(1280) = 0.014 (Best-of-N:
+    # 80 x 4 picks, 0.028); KL on one sample per prefix.
+    "gpu": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=48, steps=80,
+                 eval_every=40, ppo_eval_every=16, batch_size=64, lr=5e-6, train_layers=0,
                  dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.1, 1.0), ppo_targets=(3.0, 12.0),
-                 ppo=dict(iterations=36, rollouts=64, minibatch=16, ppo_epochs=4, lr=1.4e-5, horizon=128),
+                 ppo=dict(iterations=32, rollouts=64, minibatch=16, ppo_epochs=4, lr=1.4e-5, horizon=128),
                  reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=50), best_of=(4, 16, 64),
-                 samples=12, eval_samples=16, kl_samples=2, seeds=3, seeded=("dpo", "ppo_gt"), dtype="bf16",
-                 sample_batch=256),
+                 best_of_picks=4, samples=10, eval_samples=16, kl_samples=1, seeds=3, seeded=("dpo", "ppo_gt"),
+                 dtype="bf16", sample_batch=256),
     "paper": Scale(model="gpt2-large", reward="siebert/sentiment-roberta-large-english", train_prompts=25_000,
                    eval_prompts=512, new_tokens=48, steps=1500, eval_every=100, ppo_eval_every=10, batch_size=64,
                    lr=1e-6,
@@ -329,7 +330,7 @@ def print_estimate(scale, methods, device):
         return
     costs, where = (H100_COSTS, "one H100 (assumed costs)") if device.type == "cuda" else (LAPTOP_COSTS, "2 CPU cores")
     parts = estimate_seconds(scale, methods, costs)
-    detail = ", ".join(f"{k} {v / 60:.0f}" for k, v in parts.items() if k not in ("total", "evaluation (each)"))
+    detail = ", ".join(f"{k} {v / 60:.1f}" for k, v in parts.items() if k not in ("total", "evaluation (each)"))
     print(f"estimated time on {where}: {parts['total'] / 60:.0f} min ({detail} min); expected standard error of a "
           f"point's mean reward ~{reward_standard_error(scale):.3f}", flush=True)
 

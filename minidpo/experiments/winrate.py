@@ -72,6 +72,8 @@ class Scale:
     sft_dataset: str = ""  # human-written SFT data (load_tldr_sft: prompt, label); "": the pairs' chosen responses
     sft_split: str = "train"
     sft_test_split: str = ""  # the SFT data's split for test prompts and references ("": carved out of sft_split)
+    test_dataset: str = ""  # a file of held-out pairs (bundled hh_test.jsonl), when no test_split
+    sft_test_dataset: str = ""  # a file of held-out SFT data (tldr_sft_test.jsonl), when no sft_test_split
     single_turn: bool = False  # evaluate on single-turn dialogues only (HH, as the paper's Fig. 3)
     best_of_n: int = 0  # N of the Best-of-N baseline (0: none)
     reward_pairs: int = 0  # training pairs Best-of-N's reward model is fitted on (0: all)
@@ -84,7 +86,11 @@ class Scale:
 
 
 def scales(task):
-    data = bundled_path(f"{task}.jsonl")
+    data = dict(dataset=bundled_path(f"{task}.jsonl"), split="train", test_split="")  # offline: separate test files
+    if task == "tldr":
+        data.update(sft_dataset=bundled_path("tldr_sft.jsonl"), sft_test_dataset=bundled_path("tldr_sft_test.jsonl"))
+    else:
+        data.update(test_dataset=bundled_path("hh_test.jsonl"))
     single_turn = task == "hh"
     if task == "tldr":  # pairs from the comparisons; SFT data, test prompts and references from the SFT set
         paper_data = dict(dataset="openai/summarize_from_feedback", split="train", test_split="",
@@ -92,11 +98,11 @@ def scales(task):
     else:  # pairs, SFT data (chosen) and test prompts (single-turn, references chosen) from one set
         paper_data = dict(dataset="Anthropic/hh-rlhf", split="train", test_split="test")
     return {
-        "smoke": Scale(model="tiny", dataset=data, split="train", test_split="", train_pairs=96, judge_pairs=64,
+        "smoke": Scale(model="tiny", **data, train_pairs=96, judge_pairs=64,
                        test_prompts=16, new_tokens=16, sft_steps=6, dpo_steps=6, batch_size=8, lr=3e-3, eval_every=3,
                        max_length=448, max_prompt_length=384, temperatures=(0.0, 0.5, 1.0), single_turn=single_turn,
                        best_of_n=4),
-        "laptop": Scale(model="smollm2", dataset=data, split="train", test_split="", train_pairs=128, judge_pairs=64,
+        "laptop": Scale(model="smollm2", **data, train_pairs=128, judge_pairs=64,
                         test_prompts=32, new_tokens=32, sft_steps=24, dpo_steps=32, batch_size=8, lr=2e-5,
                         eval_every=16, max_length=192, max_prompt_length=144, train_layers=8,
                         # HH's figure is by method and over training: three temperatures save time (HH: 16 min, 2 cores)
@@ -170,15 +176,17 @@ def load_data(scale, seed):
     sft = None
     if scale.sft_dataset:  # TL;DR: human-written summaries to fine-tune on and to compare against
         sft = list(load_tldr_sft(scale.sft_dataset, scale.sft_split, skip_invalid=True))
-        if scale.sft_test_split:
-            test = seeded_sample(load_tldr_sft(scale.sft_dataset, scale.sft_test_split, skip_invalid=True),
-                                 scale.test_prompts, seed)
+        if scale.sft_test_split or scale.sft_test_dataset:
+            source, split = ((scale.sft_dataset, scale.sft_test_split) if scale.sft_test_split
+                             else (scale.sft_test_dataset, "train"))  # a file is one split, read as "train"
+            held_out = load_tldr_sft(source, split, skip_invalid=True)
+            test = seeded_sample(held_out, scale.test_prompts, seed)
         else:
             test = seeded_sample(sft, scale.test_prompts, seed)
         test = [{"prompt": r["prompt"], "reference": r["response"]} for r in test]
-    elif scale.test_split:
-        held_out = [r for r in load_preferences(scale.dataset, split=scale.test_split, skip_invalid=True)
-                    if eligible(r)]
+    elif scale.test_split or scale.test_dataset:
+        source, split = (scale.dataset, scale.test_split) if scale.test_split else (scale.test_dataset, "train")
+        held_out = [r for r in load_preferences(source, split=split, skip_invalid=True) if eligible(r)]
         test = [{"prompt": r["prompt"], "reference": r["chosen"]} for r in seeded_sample(held_out, scale.test_prompts,
                                                                                           seed)]
     else:
