@@ -98,7 +98,7 @@ def implicit_reward_scores(policy, reference, tokenizer, prompts, responses, bet
         for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
             prompt_ids, (ids,), _, _ = _pair_tokens(tokenizer, prompt, (response,), max_length, max_prompt_length)
             sequences.append((prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids))
-        batch = pad_sequences(sequences, tokenizer.pad_token_id)
+        batch = [t.to(next(policy.parameters()).device) for t in pad_sequences(sequences, tokenizer.pad_token_id)]
         policy_logps = batch_logps(policy, *batch, average=average)  # (b,)
         reference_logps = batch_logps(reference, *batch, average=average)  # (b,)
         scores.append(implicit_rewards(policy_logps, reference_logps, beta))

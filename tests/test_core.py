@@ -408,3 +408,28 @@ def test_freeze_all_but_top_trains_the_top_blocks_and_the_final_norm_only(arch):
     top = "transformer.h.2" if arch == "gpt2" else "gpt_neox.layers.2"
     final = "transformer.ln_f" if arch == "gpt2" else "gpt_neox.final_layer_norm"
     assert final in trained and all(name.startswith(top) or name == final for name in trained), trained
+
+
+def test_implicit_reward_scores_are_the_losss_own_rewards(tokenizer):
+    from minidpo.models import tiny_gpt2
+    torch.manual_seed(0)
+    reference = minidpo.dpo.frozen_copy(tiny_gpt2())
+    policy = tiny_gpt2()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a trained policy: rewards are not 0
+    pairs = [("The film was", " good.", " bad, really."), ("Q: 2+2?\nA:", " 4", " five, I think")]
+    batch = minidpo.collate([minidpo.tokenize_pair(tokenizer, *pair) for pair in pairs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        policy_logps = minidpo.concatenated_forward(policy, batch)
+        reference_logps = minidpo.concatenated_forward(reference, batch)
+        _, chosen_rewards, rejected_rewards = minidpo.dpo_loss(*policy_logps, *reference_logps, beta=0.3)
+    prompts = [prompt for prompt, _, _ in pairs]
+    for side, rewards in ((1, chosen_rewards), (2, rejected_rewards)):
+        scores = minidpo.implicit_reward_scores(policy, reference, tokenizer, prompts, [p[side] for p in pairs],
+                                                beta=0.3, batch_size=1)
+        torch.testing.assert_close(scores, rewards, rtol=1e-4, atol=1e-5)
+    one_prompt = minidpo.implicit_reward_scores(policy, reference, tokenizer, "The film was",
+                                                [" good.", " bad, really."], beta=0.3)
+    torch.testing.assert_close(one_prompt, torch.stack([chosen_rewards[0], rejected_rewards[0]]), rtol=1e-4, atol=1e-5)
+    assert chosen_rewards.abs().min() > 1e-3
