@@ -131,7 +131,7 @@ SCALES = {
 
 # ---- what a preset costs ---------------------------------------------------------------------------------
 
-# Seconds per unit for SmolLM2-135M, fp32, 2 CPU threads, measured (docs: /work/shared/LAPTOP.md, 2026-11):
+# Seconds per unit for SmolLM2-135M, fp32, 2 CPU threads, measured (on the project's 2-core machine, 2026-11):
 # a forward pass per token (reference forward: 1.6 s for 8 pairs of 56 tokens), a training step per token
 # and trained block (DPO step, 8 pairs, precomputed reference: 2.1 s with the top 4 blocks, ~6 s with all 30),
 # sampling per generated token (64 prompts x 48 tokens: 15 s), KL per completion token (64 x 48: 17 s).
