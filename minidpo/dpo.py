@@ -583,7 +583,8 @@ def check_out_folder(config, master):
     out, left = config.out, [name for name in RUN_FILES if os.path.exists(os.path.join(config.out, name))]
     if config.resume:
         if not os.path.exists(out):
-            print(f"--resume: {out} does not exist; starting a new run there") if master else None
+            if master:
+                print(f"--resume: {out} does not exist; starting a new run there")
             return None
         if latest_checkpoint(out) is None:
             raise ValueError(f"--resume: no checkpoint in {out} (is --out right?). A run saves one every --save_every "
@@ -711,7 +712,8 @@ def reference_logps_cached(run, compute):
         saved = torch.load(path, map_location=run.device, weights_only=True)
         if saved["key"] == key:
             return saved["train"], saved["eval"]
-        print(f"{path} was computed for other data, model or settings: recomputing") if run.master else None
+        if run.master:
+            print(f"{path} was computed for other data, model or settings: recomputing")
     train_ref, eval_ref = compute(run.train_examples), compute(run.eval_examples)
     if run.master:
         torch.save({"key": key, "train": train_ref, "eval": eval_ref}, path + ".tmp")
@@ -769,7 +771,10 @@ def prepare_run(config, train_records, eval_records, model, tokenizer):
     if run.master and config.overwrite and not config.resume:
         for name in RUN_FILES:  # everything --resume would read, so two runs are never spliced
             path = os.path.join(config.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
     os.makedirs(config.out, exist_ok=True)
     if world_size > 1:
         torch.distributed.barrier()  # no rank reads <out> while the master clears it
@@ -887,7 +892,8 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
     logged. SIGTERM or Ctrl-C: the step finishes, the checkpoint is saved, TrainingStopped is raised."""
     run = prepare_run(config, train_records, eval_records, model, tokenizer)
     if run.step >= run.total_steps:
-        print(f"{config.out}: the run already finished at step {run.step}; nothing to do") if run.master else None
+        if run.master:
+            print(f"{config.out}: the run already finished at step {run.step}; nothing to do")
         return []
     progress = None
     if run.master and config.progress:
@@ -912,9 +918,12 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
                 callback(run.step, run.policy)
             stop = torch.tensor([float(signals.received is not None)], device=run.device)
             if all_reduce_sum(stop, run.world_size).item() and run.step < run.total_steps:  # all ranks stop together
-                save(run) if run.master else None
                 message = f"stopped at step {run.step}: checkpoint in {os.path.join(config.out, 'checkpoint')}"
-                print(f"{message}; continue with --resume") if run.master else None
+                if run.master:
+                    save(run)
+                    print(f"{message}; continue with --resume")
+                if progress is not None:
+                    progress.close()
                 raise TrainingStopped(message)
     log_eval(run, progress)
     if progress is not None:
