@@ -141,8 +141,8 @@ def detect_format(columns, first_row=None):
 
 
 def read_jsonl(path):
-    """Records from a JSON-lines file (blank lines skipped), each dict with "source": "<path>:<line>", the
-    name every error about it uses."""
+    """Records from a JSON-lines file (blank lines skipped), each dict with "_source": "<path>:<line>", the
+    name every error about it uses (underscored: a user's own "source" field stays as it is)."""
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -152,7 +152,7 @@ def read_jsonl(path):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if isinstance(record, dict):
-                    record.setdefault("source", f"{path}:{lineno}")
+                    record["_source"] = f"{path}:{lineno}"
                 records.append(record)
     return records
 
@@ -220,7 +220,7 @@ def load_preferences(name_or_path, split="train", format=None, *, config_name=No
     min_score_ratio: SHP only, keep pairs whose preferred score is at least this multiple of the
     other's (the SHP authors suggest 2). Every record is validated (validate_preferences): a bad one
     is an error naming it (file:line for a .jsonl file, else source[row]), unless skip_invalid, which drops
-    and reports them. with_source: a "source" column holds that name, for later errors about the record.
+    and reports them. with_source: a "_source" column holds that name, for later errors about the record.
     """
     from datasets import Dataset
     raw = _load_raw(name_or_path, split, config_name=config_name, data_files=data_files, **load_kwargs)
@@ -238,16 +238,16 @@ def load_preferences(name_or_path, split="train", format=None, *, config_name=No
 
     records, errors = [], []
     for i, row in enumerate(raw):
-        where = row.get("source") or (f"{name_or_path}:{split}[{i}]" if looks_like_hub_name(name_or_path)
+        where = row.get("_source") or (f"{name_or_path}:{split}[{i}]" if looks_like_hub_name(name_or_path)
                                       else f"{name_or_path}[{i}]")
         try:
             record = convert(row)
             check_record(record)
-            records.append({**record, "source": where})
+            records.append({**record, "_source": where})
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             errors.append((i, f"{where}: {e}"))
     _report(errors, len(raw), skip_invalid)
-    columns = ("prompt", "chosen", "rejected") + (("source",) if with_source else ())
+    columns = ("prompt", "chosen", "rejected") + (("_source",) if with_source else ())
     return Dataset.from_dict({k: [r[k] for r in records] for k in columns})
 
 

@@ -319,7 +319,7 @@ HINTS = {"leaves no room": "raise --max_length or lower --max_prompt_length",
 
 
 def tokenize_records(tokenizer, records, max_length=512, max_prompt_length=256, skip_invalid=False, verbose=True):
-    """tokenize_pair over records, each named by its "source" key (file:line) or its index. A bad record
+    """tokenize_pair over records, each named by its "_source" key (file:line) or its index. A bad record
     is an error listing every bad one; skip_invalid drops and reports them. Truncation is reported once.
     Returns (examples, kept_indices)."""
     examples, kept, errors, cut = [], [], [], {"pairs": 0, "prompt": 0, "response": 0}
@@ -329,7 +329,7 @@ def tokenize_records(tokenizer, records, max_length=512, max_prompt_length=256, 
             example, prompt_cut, response_cut = _tokenize_pair(
                 tokenizer, record["prompt"], record["chosen"], record["rejected"], max_length, max_prompt_length)
         except ValueError as e:
-            name = record.get("source", f"record {i}") if isinstance(record, dict) else f"record {i}"
+            name = record.get("_source", f"record {i}") if isinstance(record, dict) else f"record {i}"
             errors.append((name, str(e)))
             continue
         examples.append(example)

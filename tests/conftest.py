@@ -1,6 +1,7 @@
 # The environment (offline, smoke scale) is set in the repository's root conftest.py.
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from minidpo.models import byte_tokenizer, gpt2_tokenizer, save_tiny, tiny_gpt2, tiny_neox
@@ -40,3 +41,12 @@ def toy_records(n=32, seed=0):
         prompt = f"{rng.choice(subjects)} #{i} was"
         records.append({"prompt": prompt, "chosen": " good, really good.", "rejected": " bad, really bad."})
     return records
+
+
+def dropout_gpt2(p=0.5):
+    """A tiny GPT-2 with dropout p everywhere (what paper-scale models have), and the byte tokenizer."""
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=32, resid_pdrop=p, embd_pdrop=p,
+                        attn_pdrop=p, bos_token_id=256, eos_token_id=256)
+    return GPT2LMHeadModel(config), tokenizer

@@ -3,21 +3,13 @@ model against Hugging Face's own loss, dropout off, and Unlikelihood as the pape
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import dropout_gpt2
 from minidpo.baselines import sequence_unlikelihood_loss, train_baseline
 from minidpo.dpo import IGNORE_INDEX
 from minidpo.models import byte_tokenizer, tiny_gpt2
 
 RECORD = {"prompt": "The film was", "chosen": " good, really good.", "rejected": " bad."}
-
-
-def dropout_gpt2(p=0.5):
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=32, resid_pdrop=p, embd_pdrop=p,
-                        attn_pdrop=p, bos_token_id=256, eos_token_id=256)
-    return GPT2LMHeadModel(config), tokenizer
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import dropout_gpt2
 from minidpo import ppo
 from minidpo.dpo import frozen_copy
 from minidpo.models import byte_tokenizer, tiny_gpt2
@@ -99,14 +99,6 @@ def test_different_target_kls_end_at_different_kls():
 
 
 # ---- measured like every other method -----------------------------------------------------------------
-
-def dropout_gpt2(p=0.5):
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=32, resid_pdrop=p, embd_pdrop=p,
-                        attn_pdrop=p, bos_token_id=256, eos_token_id=256)
-    return GPT2LMHeadModel(config), tokenizer
-
 
 def test_ppo_sees_the_policy_not_dropout_noise():
     # lr 0: the policy never moves, so the sampled KL to the reference must stay exactly 0.
