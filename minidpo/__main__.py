@@ -83,13 +83,10 @@ def parse(argv=None):
 
 
 def saved_settings(out):
-    """The settings a run in `out` was started with (saved with its checkpoint), or None."""
-    import json
-
-    from .dpo import latest_checkpoint
+    """The settings a run in `out` was started with (saved with its checkpoint), or {}."""
+    from .dpo import latest_checkpoint, saved_run_settings
     checkpoint = latest_checkpoint(out) if os.path.isdir(out) else None
-    path = checkpoint and os.path.join(checkpoint, "run_settings.json")
-    return json.load(open(path)) if path and os.path.exists(path) else None
+    return saved_run_settings(checkpoint) if checkpoint else {}
 
 
 def config_from_args(argv=None):

@@ -586,10 +586,11 @@ def check_out_folder(config, master):
             if master:
                 print(f"--resume: {out} does not exist; starting a new run there")
             return None
-        if latest_checkpoint(out) is None:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
             raise ValueError(f"--resume: no checkpoint in {out} (is --out right?). A run saves one every --save_every "
                              f"steps and at the end; start afresh with --overwrite")
-        return latest_checkpoint(out)
+        return checkpoint
     if left and not config.overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start afresh, "
                          f"or choose another --out")
@@ -647,10 +648,18 @@ def load_checkpoint(path, policy, optimizer, scheduler):
     return state["step"]
 
 
+def saved_run_settings(checkpoint):
+    """The settings saved with a checkpoint (TrainConfig's fields and the fingerprints), or {} if none."""
+    path = os.path.join(checkpoint, "run_settings.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def check_resumed_settings(path, run_settings):
     """A resumed run must follow the saved one's trajectory: any change but bookkeeping is an error."""
-    settings_file = os.path.join(path, "run_settings.json")
-    saved = json.load(open(settings_file)) if os.path.exists(settings_file) else {}
+    saved = saved_run_settings(path)
     differs = [key for key, value in run_settings.items() if key in saved and saved[key] != value]
     changed = [f"{key if key in FINGERPRINTS else '--' + key} {saved[key]!r} -> {run_settings[key]!r}"
                for key in differs if key not in BOOKKEEPING]

@@ -196,7 +196,3 @@ def tensor_bytes(tensors):
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
                 if isinstance(t, torch.Tensor)}
     return sum(storages.values())
-
-
-def optimizer_tensors(optimizer):
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]

@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+from .dpo import latest_checkpoint, saved_run_settings
+
 LOSS_NAMES = {"sigmoid": "DPO loss (Eq. 7)", "ipo": "IPO loss", "hinge": "hinge loss"}
 
 
@@ -16,8 +18,9 @@ def loss_at_start(settings):
 
 
 def run_settings(out):
-    path = os.path.join(out, "checkpoint", "run_settings.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    """The settings saved with the run's latest checkpoint ({} if none)."""
+    checkpoint = latest_checkpoint(out)
+    return saved_run_settings(checkpoint) if checkpoint else {}
 
 
 def plot_training(out, filename="training.png"):

@@ -88,7 +88,8 @@ def split_by_prompt(records, val_fraction, test_fraction, seed=0):
     random.Random(seed).shuffle(prompts)
     n_val, n_test = (math.ceil(f * len(prompts)) if f > 0 else 0 for f in (val_fraction, test_fraction))
     val, test = set(prompts[:n_val]), set(prompts[n_val:n_val + n_test])
-    return ([r for r in records if r["prompt"] not in val | test], [r for r in records if r["prompt"] in val],
+    held_out = val | test
+    return ([r for r in records if r["prompt"] not in held_out], [r for r in records if r["prompt"] in val],
             [r for r in records if r["prompt"] in test])
 
 
