@@ -13,6 +13,8 @@ one interface — judge(prompts, candidates, baselines) -> list of verdicts, eac
                       pairs over a frozen LM's features. A real but weak proxy for human judgement.
 
 FeatureRewardModel, the proxy judge's reward model, also ranks Best-of-N samples (experiments/winrate.py).
+judge_agreement() checks any judge against held-out human labels and against itself with the two
+responses swapped (the offline stand-in for the paper's Table 2); LongerJudge is its no-model baseline.
 """
 
 from __future__ import annotations
@@ -246,3 +248,30 @@ def win_rate(verdicts, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return {"win_rate": p, "low": centre - half, "high": centre + half, "n": n, "invalid": len(verdicts) - n}
+
+
+class LongerJudge:
+    """A judge with no model, the baseline for judge_agreement: the longer response (in characters) wins,
+    equal lengths tie. The paper found GPT-4's standard TL;DR prompt favours long summaries (section 6.4);
+    a judge that agrees with humans no more than this one adds little beyond length."""
+
+    def __call__(self, prompts, candidates, baselines):
+        return [0.5 if len(c) == len(b) else float(len(c) > len(b)) for c, b in zip(candidates, baselines)]
+
+
+def judge_agreement(judge, records, z=1.96):
+    """How far to trust a judge, as the paper's Table 2 asks of GPT-4, on held-out labelled pairs
+    ({"prompt", "chosen", "rejected"}, the chosen one preferred by a human):
+        agreement         the judge prefers the chosen response (ties half), with a Wilson interval;
+        swap_consistency  the verdict is the same with the two responses swapped, i.e.
+                          judge(chosen, rejected) + judge(rejected, chosen) == 1, with a Wilson interval.
+    A judge that scores each response alone (ProxyJudge, RewardModelJudge) is consistent by construction up
+    to batching round-off; a judge that reads both at once (ApiJudge) can prefer a position. Unusable
+    verdicts (None) are left out of both and counted in "invalid"."""
+    records = list(records)
+    prompts = [r["prompt"] for r in records]
+    chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
+    forward = judge(prompts, chosen, rejected)
+    swapped = judge(prompts, rejected, chosen)
+    consistent = [None if f is None or b is None else float(f + b == 1.0) for f, b in zip(forward, swapped)]
+    return {"agreement": win_rate(forward, z), "swap_consistency": win_rate(consistent, z), "pairs": len(records)}

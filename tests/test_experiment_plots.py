@@ -83,3 +83,22 @@ def test_dynamics_draw_raw_and_smoothed_curves_with_labelled_axes(tmp_path):
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
     assert (tmp_path / "d.png").stat().st_size > 10_000
     plt.close(fig)
+
+
+def test_win_rates_draw_dpo_over_training_per_temperature_from_its_reference(tmp_path):
+    def rate(method, t, step, p):
+        return {"method": method, "temperature": t, "step": step, "win_rate": p, "low": p - 0.1, "high": p + 0.1}
+
+    rows = [rate("base", 0.0, 0, 0.1)] + [rate("sft", t, 0, 0.2) for t in (0.0, 1.0)]
+    rows += [rate("dpo", t, step, 0.3) for step in (2, 4) for t in (0.0, 1.0)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plots.plot_win_rates(str(path))
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["base model, zero-shot", "SFT", "DPO"]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["T = 0", "T = 1"]
+    assert len(right.containers) == 2  # one error-bar series per temperature: its SFT point, then DPO's
+    for series in right.containers:
+        assert list(series.lines[0].get_xdata()) == [0, 2, 4]
+    assert "SFT" in right.get_xlabel() and right.get_ylabel()
+    plt.close(fig)

@@ -201,3 +201,21 @@ def test_proxy_judge_without_pairs_is_a_clear_error_not_a_crash():
         ProxyJudge(tiny_gpt2(seed=0).eval(), byte_tokenizer(), [])
     for task in ("tldr", "hh"):
         assert winrate.scales(task)["paper"].judge_pairs >= 1000  # the default judge has pairs to fit on
+
+
+def test_judge_agreement_counts_agreement_with_labels_and_swap_consistency():
+    from minidpo.judges import LongerJudge, judge_agreement
+    records = [{"prompt": "p", "chosen": "long answer", "rejected": "short"},
+               {"prompt": "p", "chosen": "tiny", "rejected": "a longer one"},
+               {"prompt": "p", "chosen": "same", "rejected": "SAME"}]
+    table = judge_agreement(LongerJudge(), records)
+    assert table["pairs"] == 3
+    assert table["agreement"]["win_rate"] == pytest.approx((1 + 0 + 0.5) / 3)  # the tie counts one half
+    assert table["swap_consistency"]["win_rate"] == 1.0
+    first_wins = lambda prompts, candidates, baselines: [1.0] * len(candidates)  # noqa: E731  a position bias
+    biased = judge_agreement(first_wins, records)
+    assert biased["agreement"]["win_rate"] == 1.0 and biased["swap_consistency"]["win_rate"] == 0.0
+    unusable = lambda prompts, candidates, baselines: [None, 1.0, 0.0]  # noqa: E731
+    partial = judge_agreement(unusable, records)
+    assert partial["agreement"]["n"] == 2 and partial["agreement"]["invalid"] == 1
+    assert partial["swap_consistency"]["n"] == 2

@@ -52,6 +52,12 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["beta"] == (0.5 if task == "tldr" else 0.1) and summary["sft_loss"][1] < summary["sft_loss"][0]
     assert 0 <= summary["reward_model_heldout_accuracy"] <= 1
+    # the judge-agreement table: the run's judge and the length-only baseline, on the task's held-out labelled pairs
+    table = summary["judge_agreement"]
+    assert set(table) == {"judge", "longer response wins"}
+    assert all(entry["pairs"] == scale.agreement_pairs and entry["agreement"]["n"] == scale.agreement_pairs
+               for entry in table.values())
+    assert table["judge"]["swap_consistency"]["win_rate"] == 1.0  # a score judge has no position to prefer
     # one model trained in place; the only copies: the offline judge's, and DPO's reference while it precomputes
     # (before: also a copy for SFT and one for DPO's policy, four in all)
     assert len(copies) <= 2, copies
@@ -174,3 +180,23 @@ def test_scale_overrides_parse_booleans():
     assert winrate.parse_scale_overrides(["single_turn=true"]) == {"single_turn": True}
     with pytest.raises(SystemExit):
         winrate.parse_scale_overrides(["single_turn=yes"])
+
+
+def test_beta_is_the_papers_unless_given(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(winrate.dpo, "train", lambda config, *args, **kwargs: seen.append(config.beta))
+    winrate.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "a"), "--set", "dpo_steps=2", "test_prompts=2",
+                        "best_of_n=0", "agreement_pairs=2"])
+    winrate.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "b"), "--beta", "0.3", "--set", "dpo_steps=2",
+                        "test_prompts=2", "best_of_n=0", "agreement_pairs=2"])
+    assert seen == [winrate.BETAS["hh"], 0.3]
+    assert json.load(open(tmp_path / "b" / "summary.json"))["beta"] == 0.3
+
+
+def test_agreement_pairs_are_held_out_from_every_policy_and_the_judge():
+    scale = winrate.scales("tldr")["smoke"]
+    data = winrate.load_data(scale, seed=0)
+    assert len(data.agreement) == scale.agreement_pairs
+    trained = {r["prompt"] for r in data.train + data.judge} | {r["prompt"] for r in data.sft}
+    assert not trained & {r["prompt"] for r in data.agreement}
+    assert data.agreement == winrate.load_data(scale, seed=0).agreement  # seeded

@@ -6,10 +6,10 @@ import json
 import os
 
 COLORS = {"dpo": "C3", "dpo+nll": "C1", "preferred_ft": "C2", "unlikelihood": "C4", "ppo": "C0", "ppo_gt": "C9",
-          "best_of_n": "C7", "reference": "k"}
+          "best_of_n": "C7", "reference": "k", "sft": "C2", "two_shot": "C8", "base": "C8"}
 LABELS = {"dpo": "DPO", "dpo+nll": "DPO + NLL (rpo_alpha)", "preferred_ft": "Preferred-FT",
           "unlikelihood": "Unlikelihood", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT", "best_of_n": "Best-of-N",
-          "reference": "reference"}
+          "reference": "reference", "sft": "SFT", "two_shot": "base model, 2-shot", "base": "base model, zero-shot"}
 
 
 def read_jsonl(path):
@@ -168,7 +168,7 @@ def plot_dynamics(runs, title="DPO training dynamics", figure_path=None, window=
 
 def plot_win_rates(results_path, figure_path=None, title="win rate"):
     """Left: win rate vs sampling temperature per method, with Wilson intervals (paper Fig. 2 right,
-    Fig. 3 left). Right: DPO's win rate at temperature 0 over training steps (Fig. 3 right).
+    Fig. 3 left). Right: DPO's win rate over training steps at each temperature (Fig. 3 right).
     Returns the path if saved, else the figure."""
     plt = _pyplot()
     rows = read_jsonl(results_path)
@@ -185,18 +185,25 @@ def plot_win_rates(results_path, figure_path=None, title="win rate"):
         left.errorbar(ts, rates, yerr=errors, marker="o", capsize=3, label=LABELS.get(method, method),
                       color=COLORS.get(method))
     left.axhline(0.5, color="grey", ls=":", lw=1)
-    left.set(title="by sampling temperature", xlabel="sampling temperature", ylabel="win rate vs preferred response")
+    left.set(title="by sampling temperature", xlabel="sampling temperature",
+             ylabel="win rate vs the reference response")
     left.legend(fontsize=9)
-    along = sorted((r for r in rows if r["method"] == "dpo" and r["temperature"] == 0.0), key=lambda r: r["step"])
-    start = [r for r in rows if r["method"] == "preferred_ft" and r["temperature"] == 0.0][:1]
-    series = start + along
-    if series:
+    reference = next((m for m in ("sft", "preferred_ft") if any(r["method"] == m for r in rows)), None)
+    temperatures = sorted({r["temperature"] for r in rows if r["method"] == "dpo"})
+    shades = plt.cm.Reds([0.45 + 0.55 * i / max(1, len(temperatures) - 1) for i in range(len(temperatures))])
+    for t, shade in zip(temperatures, shades):
+        start = [r for r in rows if r["method"] == reference and r["temperature"] == t and r["step"] == 0][:1]
+        series = start + sorted((r for r in rows if r["method"] == "dpo" and r["temperature"] == t),
+                                key=lambda r: r["step"])
         right.errorbar([r["step"] for r in series], [r["win_rate"] for r in series],
                        yerr=[[r["win_rate"] - r["low"] for r in series], [r["high"] - r["win_rate"] for r in series]],
-                       marker="o", capsize=3, color=COLORS["dpo"], label="DPO (step 0: its SFT reference)")
+                       marker="o", capsize=3, color=shade, label=f"T = {t:g}")
     right.axhline(0.5, color="grey", ls=":", lw=1)
-    right.set(title="DPO over training, temperature 0", xlabel="DPO step", ylabel="win rate vs preferred response")
-    right.legend(fontsize=9)
+    start_label = f"step 0: its reference, {LABELS.get(reference, reference)}" if reference else "DPO steps"
+    right.set(title="DPO over training, per sampling temperature", xlabel=f"DPO step ({start_label})",
+              ylabel="win rate vs the reference response")
+    if temperatures:
+        right.legend(fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     if figure_path is None:
