@@ -399,6 +399,7 @@ class TrainConfig:
     seed: int = 0  # data order and initialisation
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     precompute_ref: bool = False  # compute the reference log-probs once before training, then free the reference model
+    reference_logps_file: str = ""  # where they are kept ("": <out>/reference_logps.pt); one reference, one file
     disable_dropout: bool = True  # dropout off in the policy, so policy == reference at step 0 exactly
     num_threads: int = 0  # torch CPU threads (0: torch's default)
     resume: bool = False  # continue from <out>/checkpoint
@@ -407,7 +408,7 @@ class TrainConfig:
 
 
 BOOKKEEPING = {"out", "eval_every", "save_every", "max_steps", "epochs", "num_threads", "resume", "overwrite",
-               "progress", "skip_invalid", "precompute_ref"}  # what a resumed run may change
+               "progress", "skip_invalid", "precompute_ref", "reference_logps_file"}  # what a resumed run may change
 
 
 def validate_config(config, world_size=1):
@@ -714,7 +715,7 @@ def weights_fingerprint(model):
 def reference_logps_cached(run, compute):
     """Precomputed reference log-probs, saved once in <out>; a restart reuses them when the data, model
     and tokenisation are the same (a full reference pass saved per restart), else recomputes, saying why."""
-    path = os.path.join(run.config.out, "reference_logps.pt")
+    path = run.config.reference_logps_file or os.path.join(run.config.out, "reference_logps.pt")
     key = json.dumps({k: run.settings[k] for k in ("model", "gguf_file", "average_log_prob", "dtype", *FINGERPRINTS)},
                      sort_keys=True)
     if os.path.exists(path):

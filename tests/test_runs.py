@@ -176,6 +176,19 @@ def test_reference_logps_for_other_data_are_recomputed(tmp_path, monkeypatch, ca
     assert "recomputing" in capsys.readouterr().out
 
 
+def test_runs_from_one_reference_share_a_reference_logps_file(tmp_path, monkeypatch):
+    calls = count_reference_passes(monkeypatch)
+    shared = str(tmp_path / "reference_logps.pt")
+    first = run(config(tmp_path, "beta0.1", reference_logps_file=shared))
+    second = run(config(tmp_path, "beta1.0", beta=1.0, reference_logps_file=shared))
+    assert calls == [32, 8]  # the second run reads the first one's
+    assert not os.path.exists(tmp_path / "beta1.0" / "reference_logps.pt")
+    alone = run(config(tmp_path, "alone", beta=1.0))
+    assert second == alone and first != second  # the same rows as a run that computed its own
+    run(config(tmp_path, "other_data", reference_logps_file=shared), records=toy_records(32, seed=2))
+    assert calls == [32, 8, 32, 8, 32, 8]  # other data: recomputed, never reused
+
+
 # ---- a folder that already holds a run -----------------------------------------------------------
 
 def test_overwrite_removes_what_resume_would_read(tmp_path, monkeypatch):

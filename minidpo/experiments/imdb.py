@@ -404,7 +404,8 @@ def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
                                          lr=scale.lr, warmup_steps=0, max_steps=scale.steps,
                                          eval_every=scale.eval_every, max_length=256, max_prompt_length=64,
                                          precompute_ref=True, overwrite=True, progress=False, dtype=dtype,
-                                         save_every=scale.steps, seed=run_seed)  # one checkpoint, at the end
+                                         save_every=scale.steps, seed=run_seed,  # one checkpoint, at the end
+                                         reference_logps_file=os.path.join(out, "reference_logps.pt"))  # shared
                 dpo.train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
                           callback=evaluating(name, beta, run_seed))
                 print(f"[{time.time() - started:5.0f}s] {name} beta={beta} seed {run_seed} done")
