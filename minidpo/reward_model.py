@@ -55,9 +55,14 @@ class RewardModel(torch.nn.Module):
         self.to(next(lm.parameters()).device)
 
     def encode(self, prompt, response):
-        """Token ids of prompt + response + EOS (the reading of DPO's and SFT's examples)."""
+        """Token ids of prompt + response + EOS (the reading of DPO's and SFT's examples). A response cut
+        by max_length still ends in EOS, in place of its last kept token: the head reads only EOS positions."""
         from .sft import tokenize_sft
-        return tokenize_sft(self.tokenizer, prompt, response, self.max_length)
+        example = tokenize_sft(self.tokenizer, prompt, response, self.max_length)
+        eos = self.tokenizer.eos_token_id
+        if example["input_ids"][-1] != eos:
+            example["input_ids"][-1] = example["labels"][-1] = eos
+        return example
 
     def encode_pair(self, record):
         """(chosen, rejected) encodings of a {"prompt", "chosen", "rejected"} record."""

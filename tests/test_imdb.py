@@ -153,6 +153,16 @@ def test_lm_reward_model_learns_the_pairs_and_keeps_its_best_validation_checkpoi
     assert model.score(["Review 0:"], [" aeiou"]) == model.score(["Review 0:"], [" aeiou"])  # eval mode, no grad
 
 
+def test_a_response_cut_by_max_length_still_ends_in_eos_where_the_head_reads():
+    tokenizer = byte_tokenizer()
+    model = reward_model.RewardModel(tiny_gpt2(), tokenizer, max_length=16)
+    whole, cut = model.encode("p", " short"), model.encode("p", " a response far longer than sixteen tokens")
+    eos = tokenizer.eos_token_id
+    assert whole["input_ids"][-1] == eos and whole["input_ids"][:-1] == model.encode("p", " short!")["input_ids"][:-2]
+    assert len(cut["input_ids"]) == 16 and cut["input_ids"][-1] == eos and cut["labels"][-1] == eos
+    assert cut["input_ids"][:-1] == tokenizer("p a response far", add_special_tokens=False)["input_ids"][:15]
+
+
 # ---- the driver, at smoke scale and on the paper's code path ---------------------------------------------
 
 def test_smoke_experiment_writes_every_method_and_a_figure(tmp_path):
