@@ -173,6 +173,13 @@ def split_records(records, eval_size, seed, batch_size=1):
     return [records[i] for i in order[:n - eval_size]], [records[i] for i in order[n - eval_size:]]
 
 
+def seeded_sample(records, k, seed):
+    """k records drawn without replacement by a seeded generator (all of them if fewer), e.g. evaluation
+    prompts from a whole split (a hub split may be sorted, e.g. IMDb by label)."""
+    records = list(records)
+    return random.Random(seed).sample(records, min(k, len(records)))
+
+
 def looks_like_hub_name(name):
     """'namespace/name' with no file extension: only such a string is tried on the hub."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and os.path.splitext(name)[1].lower() not in _FILE_BUILDERS

@@ -14,7 +14,8 @@ one interface — judge(prompts, candidates, baselines) -> list of verdicts, eac
 
 FeatureRewardModel, the proxy judge's reward model, also ranks Best-of-N samples (experiments/winrate.py).
 judge_agreement() checks any judge against held-out human labels and against itself with the two
-responses swapped (the offline stand-in for the paper's Table 2); LongerJudge is its no-model baseline.
+responses swapped (the offline stand-in for the paper's Table 2); LongerJudge is its no-model baseline;
+repeated_bigrams flags the degenerate loops a learned judge can score well.
 """
 
 from __future__ import annotations
@@ -164,11 +165,19 @@ class ApiJudge:
         return [self.compare(p, c, b) for p, c, b in zip(prompts, candidates, baselines)]
 
 
+def _score_verdict(candidate, baseline, candidate_score, baseline_score, tolerance=1e-4):
+    """1 / 0 / 0.5 by score; identical texts, or scores closer than tolerance (batching round-off), are
+    ties. An empty (or whitespace-only) response loses to any other whatever its score: a learned scorer
+    has never seen one (no preference pair holds one) and can score it anywhere."""
+    if candidate == baseline or abs(candidate_score - baseline_score) <= tolerance:
+        return 0.5
+    if not candidate.strip() or not baseline.strip():
+        return float(bool(candidate.strip()))
+    return float(candidate_score > baseline_score)
+
+
 def _score_verdicts(candidates, baselines, candidate_scores, baseline_scores, tolerance=1e-4):
-    """1 / 0 / 0.5 by score; identical texts, or scores closer than tolerance (batching round-off),
-    are ties."""
-    return [0.5 if c == b or abs(sc - sb) <= tolerance else float(sc > sb)
-            for c, b, sc, sb in zip(candidates, baselines, candidate_scores, baseline_scores)]
+    return [_score_verdict(*args, tolerance) for args in zip(candidates, baselines, candidate_scores, baseline_scores)]
 
 
 class RewardModelJudge:
@@ -275,3 +284,12 @@ def judge_agreement(judge, records, z=1.96):
     swapped = judge(prompts, rejected, chosen)
     consistent = [None if f is None or b is None else float(f + b == 1.0) for f, b in zip(forward, swapped)]
     return {"agreement": win_rate(forward, z), "swap_consistency": win_rate(consistent, z), "pairs": len(records)}
+
+
+def repeated_bigrams(text):
+    """The share of a response's word bigrams that repeat an earlier one: 0 for varied text, near 1 for a
+    loop ("31F, 4 months, 31F, 4 months, ..."). A check a learned judge does not make: a degenerate
+    response that repeats the right words can score well with a judge that never saw one."""
+    words = text.split()
+    bigrams = list(zip(words, words[1:]))
+    return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0

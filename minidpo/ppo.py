@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dpo import disable_dropout, position_ids_from_mask, token_logps
+from .dpo import disable_dropout, ensure_pad_token, position_ids_from_mask, token_logps
 from .sampling import completion_batch, generate
 
 
@@ -133,7 +133,7 @@ def ppo_train(policy, reference, tokenizer, prompts, score_fn, config=PPOConfig(
     disable_dropout(policy)  # old log-probs, KL penalty and controller must see the policy, not dropout noise
     reference.eval()
     device = next(policy.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = ensure_pad_token(tokenizer).pad_token_id
     hidden = policy.get_input_embeddings().embedding_dim
     value_head = torch.nn.Linear(hidden, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dpo import IGNORE_INDEX, disable_dropout, position_ids_from_mask
+from .dpo import IGNORE_INDEX, disable_dropout, ensure_pad_token, position_ids_from_mask
 from .models import freeze_all_but_top
 from .sampling import completion_batch
 
@@ -72,7 +72,7 @@ class RewardModel(torch.nn.Module):
         """r_phi of encoded examples (a list of encode outputs) -> (B,)."""
         from .sft import pad_sft
         device = self.head.weight.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = ensure_pad_token(self.tokenizer).pad_token_id
         ids, mask, _ = (t.to(device) for t in pad_sft(examples, pad))  # right-padded
         hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                            use_cache=False).last_hidden_state  # (B, T, d)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dpo import IGNORE_INDEX, position_ids_from_mask
+from .dpo import IGNORE_INDEX, ensure_pad_token, position_ids_from_mask
 
 
 def _left_pad(sequences, pad_id):
@@ -25,7 +25,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=1.0, batc
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = ensure_pad_token(tokenizer).pad_token_id
     eos = tokenizer.eos_token_id
     out = []
     for start in range(0, len(prompts), batch_size):

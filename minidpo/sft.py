@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .dpo import IGNORE_INDEX, all_reduce_sum, batch_logps, shard
+from .dpo import IGNORE_INDEX, all_reduce_sum, batch_logps, ensure_pad_token, shard
 
 
 def tokenize_sft(tokenizer, prompt, response, max_length=512, max_prompt_length=None):
@@ -138,7 +138,7 @@ def sft_train(policy, tokenizer, records, steps, batch_size=8, lr=1e-5, max_leng
     on a GPU, fp32 on a CPU) | fp32 | bf16; under torchrun, DDP over the ranks (the same global batch)."""
     device = next(policy.parameters()).device
     examples = [tokenize_sft(tokenizer, r["prompt"], r["response"], max_length, max_prompt_length) for r in records]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = ensure_pad_token(tokenizer).pad_token_id
     _, world_size = _rank_and_world_size()
     ddp_policy = None
     if world_size > 1:

@@ -2,6 +2,7 @@
 PPO's tests are in test_ppo.py, the baselines' in test_baselines.py."""
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -161,6 +162,18 @@ def test_a_response_cut_by_max_length_still_ends_in_eos_where_the_head_reads():
     assert whole["input_ids"][-1] == eos and whole["input_ids"][:-1] == model.encode("p", " short!")["input_ids"][:-2]
     assert len(cut["input_ids"]) == 16 and cut["input_ids"][-1] == eos and cut["labels"][-1] == eos
     assert cut["input_ids"][:-1] == tokenizer("p a response far", add_special_tokens=False)["input_ids"][:15]
+
+
+def test_best_of_n_never_picks_an_empty_completion_over_a_real_one(monkeypatch):
+    texts = iter(["", " good", " fine", "   ", " bad", ""])
+    monkeypatch.setattr(imdb, "generate", lambda model, tok, prompts, *args, **kwargs: [
+        {"prompt": p, "completion": next(texts)} for p in prompts])
+    scale = dataclasses.replace(imdb.SCALES["smoke"], best_of_picks=1)
+    learned = lambda samples: [9.0 if not s["completion"].strip() else len(s["completion"]) for s in samples]  # noqa: E731
+    picked = []
+    truth = lambda samples: picked.extend(s["completion"] for s in samples) or [0.0] * len(samples)  # noqa: E731
+    imdb.best_of_n_row(None, None, ["a", "b"], scale, 3, learned, truth, seed=0)
+    assert picked == [" good", " bad"]
 
 
 # ---- the driver, at smoke scale and on the paper's code path ---------------------------------------------

@@ -193,6 +193,12 @@ def test_score_verdicts_call_identical_texts_and_round_off_ties():
                            [0.3, 1.00001, 2.0, 0.0], [0.2, 1.0, 1.0, 1.0]) == [0.5, 0.5, 1.0, 0.0]
 
 
+def test_an_empty_response_loses_to_any_other_whatever_its_score():
+    from minidpo.judges import _score_verdicts
+    assert _score_verdicts(["", " \n", "answer", ""], ["answer", "answer", "  ", ""],
+                           [9.0, 9.0, -9.0, 1.0], [0.0, 0.0, 0.0, 2.0]) == [0.0, 0.0, 1.0, 0.5]
+
+
 def test_proxy_judge_without_pairs_is_a_clear_error_not_a_crash():
     """At paper scale judge_pairs was 0, and fitting on no pairs failed inside torch.cat."""
     from minidpo.experiments import winrate
@@ -219,3 +225,10 @@ def test_judge_agreement_counts_agreement_with_labels_and_swap_consistency():
     partial = judge_agreement(unusable, records)
     assert partial["agreement"]["n"] == 2 and partial["agreement"]["invalid"] == 1
     assert partial["swap_consistency"]["n"] == 2
+
+
+def test_repeated_bigrams_is_zero_for_varied_text_and_high_for_a_loop():
+    from minidpo.judges import repeated_bigrams
+    assert repeated_bigrams("my partner wants to move in") == 0.0
+    assert repeated_bigrams("a b a b a b") == pytest.approx(1 - 2 / 5)
+    assert repeated_bigrams("") == repeated_bigrams("one") == 0.0

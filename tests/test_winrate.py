@@ -158,6 +158,15 @@ def test_best_of_n_returns_the_candidate_the_reward_ranks_highest():
     assert only == [s["completion"] for s in winrate.generate(model, tokenizer, prompts, 12, 1.0, seed=3)]
 
 
+def test_best_of_n_picks_an_empty_response_only_when_every_candidate_is_empty(monkeypatch):
+    texts = iter(["", " short", " a longer answer", "  ", "", ""])
+    monkeypatch.setattr(winrate, "generate", lambda model, tok, prompts, *args, **kwargs: [
+        {"completion": next(texts)} for _ in prompts])
+    prefers_empty = lambda ps, rs: [10.0 if not r.strip() else len(r) for r in rs]  # noqa: E731
+    best, _, _ = winrate.best_of_n(None, None, ["Q: one", "Q: two"], 3, 12, 1.0, prefers_empty)
+    assert best[0] == " a longer answer" and not best[1].strip()  # the second prompt had only empty ones
+
+
 def test_the_judge_copies_the_base_model_only_when_it_needs_it(monkeypatch, tmp_path):
     tokenizer = byte_tokenizer()
     base = tiny_neox(vocab_size=len(tokenizer), seed=0)

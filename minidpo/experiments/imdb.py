@@ -229,8 +229,8 @@ def load_prompts(scale, tokenizer, seed):
 def sample_prefixes(texts, n, tokenizer, seed):
     """Prefixes (2-8 tokens) of n reviews drawn, seeded and without replacement, from the whole split:
     the hub's IMDb splits are sorted by label, so their first rows are all negative reviews."""
-    from ..data import imdb_prefixes
-    rows = random.Random(seed).sample(range(len(texts)), min(n, len(texts)))
+    from ..data import imdb_prefixes, seeded_sample
+    rows = seeded_sample(range(len(texts)), n, seed)
     return imdb_prefixes([texts[i] for i in rows], tokenizer, seed=seed)
 
 
@@ -475,12 +475,14 @@ def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
 
 def best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward, ground_truth, seed):
     """Best-of-N: for each held-out prefix, best_of_picks times, the best of n reference samples by the
-    learned reward, scored by the ground truth. Its KL is the analytic bound log n - (n - 1) / n."""
+    learned reward (an empty completion only if all n are), scored by the ground truth. Its KL is the
+    analytic bound log n - (n - 1) / n."""
     prefix_of = [i for i in range(len(eval_prompts)) for _ in range(scale.best_of_picks)]
     candidates = generate(reference, tokenizer, [eval_prompts[i] for i in prefix_of for _ in range(n)],
                           scale.new_tokens, batch_size=scale.sample_batch, seed=seed + 11)
     scores = learned_reward(candidates)
-    best = [max(range(i, i + n), key=lambda k: scores[k]) for i in range(0, len(candidates), n)]
+    nonempty = [bool(c["completion"].strip()) for c in candidates]  # the reward model never saw an empty one
+    best = [max(range(i, i + n), key=lambda k: (nonempty[k], scores[k])) for i in range(0, len(candidates), n)]
     reward, reward_se = mean_and_se(ground_truth([candidates[k] for k in best]), prefix_of)
     return {"method": "best_of_n", "param": n, "step": 0, "seed": seed, "reward": reward, "reward_se": reward_se,
             "kl": best_of_n_kl(n), "kl_se": 0.0, "kl_is_bound": True, "samples": len(best), "kl_samples": 0,

@@ -155,11 +155,6 @@ def is_single_turn(prompt):
     return prompt.count(HUMAN) == 1
 
 
-def seeded_sample(records, k, seed):
-    """k records drawn without replacement by a seeded generator (all of them if fewer)."""
-    return random.Random(seed).sample(list(records), min(k, len(records)))
-
-
 def load_base(scale, device):
     return load_model(scale.model, device, tiny="neox", max_position_embeddings=1024)
 
@@ -177,7 +172,7 @@ def load_data(scale, seed):
     """Every record a run uses, from the scale's sources (see Data). Test prompts are a seeded sample of
     the test split (HH: of its single-turn dialogues), or are carved out of the shuffled training
     source when it has none; they never appear in training."""
-    from ..data import load_preferences, load_tldr_sft
+    from ..data import load_preferences, load_tldr_sft, seeded_sample
     pairs = list(load_preferences(scale.dataset, split=scale.split, skip_invalid=True))
     random.Random(seed).shuffle(pairs)
     eligible = (lambda r: is_single_turn(r["prompt"])) if scale.single_turn else (lambda r: True)
@@ -236,8 +231,8 @@ def make_judge(kind, task, base, tokenizer, judge_records, out, prompt="standard
 
 def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, seed=0, batch_size=32):
     """Best-of-N (the paper's Best-of-128): n samples of the policy per prompt, the one reward(prompts,
-    responses) -> scores ranks highest. Returns (the best response per prompt, every prompt's n
-    candidates, their scores)."""
+    responses) -> scores ranks highest, an empty response only if all are (a reward model fitted on pairs
+    never saw one). Returns (the best response per prompt, every prompt's n candidates, their scores)."""
     repeated = [p for p in prompts for _ in range(n)]
     samples = generate(policy, tokenizer, repeated, new_tokens, temperature=temperature, batch_size=batch_size,
                        seed=seed)
@@ -245,7 +240,7 @@ def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, se
     scores = reward(repeated, responses)
     candidates = [responses[i * n:(i + 1) * n] for i in range(len(prompts))]
     candidate_scores = [scores[i * n:(i + 1) * n] for i in range(len(prompts))]
-    best = [c[max(range(n), key=s.__getitem__)] for c, s in zip(candidates, candidate_scores)]
+    best = [c[max(range(n), key=lambda k: (bool(c[k].strip()), s[k]))] for c, s in zip(candidates, candidate_scores)]
     return best, candidates, candidate_scores
 
 
