@@ -144,10 +144,14 @@ class ApiJudge:
                     raise
             time.sleep(self.backoff * 2 ** attempt)  # exponential backoff: 429 rate limits, 5xx hiccups
 
-    def compare(self, prompt, candidate, baseline):
-        """1.0 / 0.0 for the candidate winning / losing, None for an unusable answer."""
-        key_material = f"{prompt}\x00{candidate}\x00{baseline}\x00{self.seed}"
-        candidate_first = random.Random(hashlib.sha256(key_material.encode()).hexdigest()).random() < 0.5
+    reads_both = True  # it sees both responses at once, so it can prefer a position (see judge_agreement)
+
+    def compare(self, prompt, candidate, baseline, candidate_first=None):
+        """1.0 / 0.0 for the candidate winning / losing, None for an unusable answer. The candidate is
+        shown first or second at random per comparison (seeded by its texts), or as candidate_first says."""
+        if candidate_first is None:
+            key_material = f"{prompt}\x00{candidate}\x00{baseline}\x00{self.seed}"
+            candidate_first = random.Random(hashlib.sha256(key_material.encode()).hexdigest()).random() < 0.5
         a, b = (candidate, baseline) if candidate_first else (baseline, candidate)
         content = self.template.format(prompt=prompt, a=a, b=b)
         key = self._key(content)
@@ -161,8 +165,8 @@ class ApiJudge:
             return None
         return 1.0 if (letter == "A") == candidate_first else 0.0
 
-    def __call__(self, prompts, candidates, baselines):
-        return [self.compare(p, c, b) for p, c, b in zip(prompts, candidates, baselines)]
+    def __call__(self, prompts, candidates, baselines, candidate_first=None):
+        return [self.compare(p, c, b, candidate_first) for p, c, b in zip(prompts, candidates, baselines)]
 
 
 def _score_verdict(candidate, baseline, candidate_score, baseline_score, tolerance=1e-4):
@@ -275,13 +279,15 @@ def judge_agreement(judge, records, z=1.96):
         swap_consistency  the verdict is the same with the two responses swapped, i.e.
                           judge(chosen, rejected) + judge(rejected, chosen) == 1, with a Wilson interval.
     A judge that scores each response alone (ProxyJudge, RewardModelJudge) is consistent by construction up
-    to batching round-off; a judge that reads both at once (ApiJudge) can prefer a position. Unusable
-    verdicts (None) are left out of both and counted in "invalid"."""
+    to batching round-off; a judge that reads both at once (reads_both: ApiJudge) can prefer a position, so
+    it is shown the chosen response first, then second. Unusable verdicts (None) are left out of both and
+    counted in "invalid"."""
     records = list(records)
     prompts = [r["prompt"] for r in records]
     chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
-    forward = judge(prompts, chosen, rejected)
-    swapped = judge(prompts, rejected, chosen)
+    order = {"candidate_first": True} if getattr(judge, "reads_both", False) else {}
+    forward = judge(prompts, chosen, rejected, **order)  # the chosen response shown first
+    swapped = judge(prompts, rejected, chosen, **order)  # the chosen response shown second
     consistent = [None if f is None or b is None else float(f + b == 1.0) for f, b in zip(forward, swapped)]
     return {"agreement": win_rate(forward, z), "swap_consistency": win_rate(consistent, z), "pairs": len(records)}
 

@@ -25,7 +25,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         content = body["messages"][0]["content"]
         a = content.split("Summary A:\n")[1].split("\n\nSummary B:")[0]
         answer = "I cannot decide." if "MALFORMED" in content else \
-            f"Comparison: one is better.\nPreferred: {'A' if 'GOOD' in a else 'B'}"
+            f"Comparison: one is better.\nPreferred: {'A' if 'GOOD' in a or state.get('always_a') else 'B'}"
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}],
                               "usage": {"prompt_tokens": 100, "completion_tokens": 12}}).encode()
         self.send_response(200)
@@ -232,3 +232,14 @@ def test_repeated_bigrams_is_zero_for_varied_text_and_high_for_a_loop():
     assert repeated_bigrams("my partner wants to move in") == 0.0
     assert repeated_bigrams("a b a b a b") == pytest.approx(1 - 2 / 5)
     assert repeated_bigrams("") == repeated_bigrams("one") == 0.0
+
+
+def test_judge_agreement_shows_a_reading_judge_both_orders(server, tmp_path):
+    from minidpo.judges import judge_agreement
+    records = [{"prompt": f"post {i}", "chosen": f"GOOD {i}", "rejected": f"plain {i}"} for i in range(12)]
+    fair = judge_agreement(judge(server, tmp_path), records)
+    assert fair["agreement"]["win_rate"] == 1.0 and fair["swap_consistency"]["win_rate"] == 1.0
+    server.state["always_a"] = True  # a judge that always prefers the first response it is shown
+    biased = judge_agreement(judge(server, tmp_path, seed=1), [dict(r, prompt=r["prompt"] + "!") for r in records])
+    assert biased["agreement"]["win_rate"] == 1.0  # chosen shown first every time: it looks perfect...
+    assert biased["swap_consistency"]["win_rate"] == 0.0  # ...until the order is swapped
