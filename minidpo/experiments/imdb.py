@@ -2,7 +2,7 @@
 
     python -m minidpo.experiments.imdb --scale smoke        # tiny random GPT-2, toy reward: ~1 minute
     python -m minidpo.experiments.imdb --scale laptop       # SmolLM2-135M-Instruct + VADER, offline: ~30 min, 2 cores
-    python -m minidpo.experiments.imdb --scale laptop_long  # the same with 3 seeds, SE 0.02 per point: ~3 h, 2 cores
+    python -m minidpo.experiments.imdb --scale laptop_long  # the same with 3 seeds, SE 0.02 per point: ~2.6 h, 2 cores
     python -m minidpo.experiments.imdb --scale gpu          # the same assets, paper-sized budgets, bf16: one H100
     python -m minidpo.experiments.imdb --scale paper        # gpt2-large SFT on IMDb + siebert classifier, on a GPU
     python -m minidpo.experiments.imdb --scale laptop --estimate   # the estimated time only
@@ -98,7 +98,8 @@ SCALES = {
                     ppo=dict(iterations=16, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=16),
                     reward_model=dict(epochs=1, batch_size=8, lr=5e-5, train_layers=4, eval_every=24),
                     best_of=(4, 16), eval_samples=4, kl_samples=1),
-    # The evidence, designed for ~3 h alone on 2 cores: 3 seeds of DPO and PPO-GT, 134 prefixes x 4 samples
+    # The evidence, designed for <= 3 h alone on 2 cores (~2.6 h by estimate_seconds): 3 seeds of DPO and
+    # PPO-GT, 134 prefixes x 4 samples
     # (804 pairs, 1.3 epochs in 128 steps), the top 6 blocks trained, two evaluations per run. Held-out:
     # 80 prefixes x 8 samples = 640 rewards per point, standard error 0.5 / sqrt(640) = 0.020.
     "laptop_long": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=24,
