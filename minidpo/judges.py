@@ -13,9 +13,9 @@ one interface — judge(prompts, candidates, baselines) -> list of verdicts, eac
                       pairs over a frozen LM's features. A real but weak proxy for human judgement.
 
 FeatureRewardModel, the proxy judge's reward model, also ranks Best-of-N samples (experiments/winrate.py).
-judge_agreement() checks any judge against held-out human labels and against itself with the two
-responses swapped (the offline stand-in for the paper's Table 2); LongerJudge is its no-model baseline;
-repeated_bigrams flags the degenerate loops a learned judge can score well.
+judge_agreement() checks any judge against held-out labels (people's, or set by construction offline) and
+against itself with the two responses swapped (the offline stand-in for the paper's Table 2); LongerJudge is
+its no-model baseline; repeated_bigrams flags the degenerate loops a learned judge can score well.
 """
 
 from __future__ import annotations

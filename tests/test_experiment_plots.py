@@ -93,12 +93,12 @@ def test_win_rates_draw_dpo_over_training_per_temperature_from_its_reference(tmp
     rows += [rate("dpo", t, step, 0.3) for step in (2, 4) for t in (0.0, 1.0)]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fig = plots.plot_win_rates(str(path))
+    fig = plots.plot_win_rates(str(path), baseline="the chosen response")
     left, right = fig.axes
     assert [t.get_text() for t in left.get_legend().get_texts()] == ["base model, zero-shot", "SFT", "DPO"]
     assert [t.get_text() for t in right.get_legend().get_texts()] == ["T = 0", "T = 1"]
     assert len(right.containers) == 2  # one error-bar series per temperature: its SFT point, then DPO's
     for series in right.containers:
         assert list(series.lines[0].get_xdata()) == [0, 2, 4]
-    assert "SFT" in right.get_xlabel() and right.get_ylabel()
+    assert "SFT" in right.get_xlabel() and right.get_ylabel() == left.get_ylabel() == "win rate vs the chosen response"
     plt.close(fig)

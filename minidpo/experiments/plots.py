@@ -166,10 +166,10 @@ def plot_dynamics(runs, title="DPO training dynamics", figure_path=None, window=
     return fig
 
 
-def plot_win_rates(results_path, figure_path=None, title="win rate"):
+def plot_win_rates(results_path, figure_path=None, title="win rate", baseline="the reference response"):
     """Left: win rate vs sampling temperature per method, with Wilson intervals (paper Fig. 2 right,
     Fig. 3 left). Right: DPO's win rate over training steps at each temperature (Fig. 3 right).
-    Returns the path if saved, else the figure."""
+    baseline names what every response is judged against (the y-axis). Returns the path if saved, else the figure."""
     plt = _pyplot()
     rows = read_jsonl(results_path)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -185,8 +185,7 @@ def plot_win_rates(results_path, figure_path=None, title="win rate"):
         left.errorbar(ts, rates, yerr=errors, marker="o", capsize=3, label=LABELS.get(method, method),
                       color=COLORS.get(method))
     left.axhline(0.5, color="grey", ls=":", lw=1)
-    left.set(title="by sampling temperature", xlabel="sampling temperature",
-             ylabel="win rate vs the reference response")
+    left.set(title="by sampling temperature", xlabel="sampling temperature", ylabel=f"win rate vs {baseline}")
     left.legend(fontsize=9)
     reference = next((m for m in ("sft", "preferred_ft") if any(r["method"] == m for r in rows)), None)
     temperatures = sorted({r["temperature"] for r in rows if r["method"] == "dpo"})
@@ -199,9 +198,9 @@ def plot_win_rates(results_path, figure_path=None, title="win rate"):
                        yerr=[[r["win_rate"] - r["low"] for r in series], [r["high"] - r["win_rate"] for r in series]],
                        marker="o", capsize=3, color=shade, label=f"T = {t:g}")
     right.axhline(0.5, color="grey", ls=":", lw=1)
-    start_label = f"step 0: its reference, {LABELS.get(reference, reference)}" if reference else "DPO steps"
-    right.set(title="DPO over training, per sampling temperature", xlabel=f"DPO step ({start_label})",
-              ylabel="win rate vs the reference response")
+    origin = f" (step 0: {LABELS.get(reference, reference)}, where DPO starts)" if reference else ""
+    right.set(title="DPO over training, per sampling temperature", xlabel=f"DPO step{origin}",
+              ylabel=f"win rate vs {baseline}")
     if temperatures:
         right.legend(fontsize=9)
     fig.suptitle(title)

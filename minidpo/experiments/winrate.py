@@ -18,7 +18,7 @@
 6. judging against the test prompt's reference: the SFT data's human summary (TL;DR) or the chosen
    response (HH). The offline ProxyJudge by default (a Bradley-Terry reward model fitted on pairs no
    policy trained on), an OpenAI-compatible GPT-4-style judge (--judge api, --judge_prompt standard or
-   concise for TL;DR) or a reward model (--judge <hf name>), checked first against held-out human labels
+   concise for TL;DR) or a reward model (--judge <hf name>), checked first against held-out labels
    and with the two responses swapped (judge_agreement, beside a length-only judge);
 7. win rates with Wilson intervals; results.jsonl, samples.jsonl, summary.json and the figure.
 
@@ -84,7 +84,7 @@ class Scale:
     optimizer: str = "adamw"  # DPO's: adamw | rmsprop (the paper's)
     warmup_steps: int = 0  # DPO's linear warmup (the paper: 150)
     sample_batch: int = 32  # sequences sampled at once
-    agreement_dataset: str = ""  # held-out pairs with human labels to check the judge on ("": none)
+    agreement_dataset: str = ""  # held-out labelled pairs to check the judge on ("": none)
     agreement_split: str = "train"
     agreement_pairs: int = 64  # a seeded sample of them (0: all)
 
@@ -280,12 +280,12 @@ BETAS = {"tldr": 0.5, "hh": 0.1}  # the paper's beta per task
 
 def check_judge(judge_fn, records, say):
     """The judge-agreement table (the offline stand-in for the paper's Table 2): the run's judge and the
-    length-only LongerJudge, each against held-out human labels and with the responses swapped."""
+    length-only LongerJudge, each against held-out labels and with the responses swapped."""
     table = {}
     for name, candidate in (("judge", judge_fn), ("longer response wins", LongerJudge())):
         table[name] = judge_agreement(candidate, records)
         agree, swap = table[name]["agreement"], table[name]["swap_consistency"]
-        say(f"{name:22s} agrees with the human label on {agree['win_rate']:.3f} [{agree['low']:.3f}, "
+        say(f"{name:22s} agrees with the label on {agree['win_rate']:.3f} [{agree['low']:.3f}, "
             f"{agree['high']:.3f}] of {len(records)} held-out pairs; swap-consistent on {swap['win_rate']:.3f}")
     return table
 
@@ -408,7 +408,8 @@ def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, 
     from .plots import plot_win_rates
     figure = plot_win_rates(results_path, os.path.join(out, "win_rates.png"),
                             title=f"{'TL;DR summarization' if task == 'tldr' else 'Anthropic HH dialogue'}, "
-                                  f"{scale_name} scale: win rate vs the test set's reference")
+                                  f"{scale_name} scale: win rate vs the test set's reference",
+                            baseline="the human-written summary" if task == "tldr" else "the chosen response")
     say(f"results: {results_path}\nfigure: {figure}")
     return results_path
 
