@@ -266,7 +266,7 @@ def win_rate(verdicts, z=1.96):
 class LongerJudge:
     """A judge with no model, the baseline for judge_agreement: the longer response (in characters) wins,
     equal lengths tie. The paper found GPT-4's standard TL;DR prompt favours long summaries (section 6.4);
-    a judge that agrees with humans no more than this one adds little beyond length."""
+    a judge that agrees with the labels no more than this one adds little beyond length."""
 
     def __call__(self, prompts, candidates, baselines):
         return [0.5 if len(c) == len(b) else float(len(c) > len(b)) for c, b in zip(candidates, baselines)]
@@ -274,7 +274,7 @@ class LongerJudge:
 
 def judge_agreement(judge, records, z=1.96):
     """How far to trust a judge, as the paper's Table 2 asks of GPT-4, on held-out labelled pairs
-    ({"prompt", "chosen", "rejected"}, the chosen one preferred by a human):
+    ({"prompt", "chosen", "rejected"}, the chosen one preferred by the label: a person's, or by construction):
         agreement         the judge prefers the chosen response (ties half), with a Wilson interval;
         swap_consistency  the verdict is the same with the two responses swapped, i.e.
                           judge(chosen, rejected) + judge(rejected, chosen) == 1, with a Wilson interval.
