@@ -99,8 +99,8 @@ SCALES = {
                     reward_model=dict(epochs=1, batch_size=8, lr=5e-5, train_layers=4, eval_every=24),
                     best_of=(4, 16), eval_samples=4, kl_samples=1),
     # The evidence, designed for <= 3 h alone on 2 cores (~2.6 h by estimate_seconds): 3 seeds of DPO and
-    # PPO-GT, 134 prefixes x 4 samples
-    # (804 pairs, 1.3 epochs in 128 steps), the top 6 blocks trained, two evaluations per run. Held-out:
+    # PPO-GT, 134 prefixes x 4 samples (804 pairs, 1.3 epochs in 128 steps), the top 6 blocks trained, two
+    # evaluations per run. Held-out:
     # 80 prefixes x 8 samples = 640 rewards per point, standard error 0.5 / sqrt(640) = 0.020.
     "laptop_long": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=24,
                          steps=128, eval_every=64, ppo_eval_every=16, batch_size=8, lr=5e-5, train_layers=6,
