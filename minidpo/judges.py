@@ -180,6 +180,12 @@ def _score_verdict(candidate, baseline, candidate_score, baseline_score, toleran
     return float(candidate_score > baseline_score)
 
 
+def best_scored(responses, scores):
+    """The index of the highest-scoring response, an empty (or whitespace-only) one only if all are: the
+    rule of _score_verdict, for Best-of-N."""
+    return max(range(len(responses)), key=lambda k: (bool(responses[k].strip()), scores[k]))
+
+
 def _score_verdicts(candidates, baselines, candidate_scores, baseline_scores, tolerance=1e-4):
     return [_score_verdict(*args, tolerance) for args in zip(candidates, baselines, candidate_scores, baseline_scores)]
 

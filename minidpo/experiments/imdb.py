@@ -41,6 +41,7 @@ import torch
 from .. import dpo
 from ..baselines import BASELINES, best_of_n_kl, train_baseline
 from ..bundled import bundled_path
+from ..judges import best_scored
 from ..models import freeze_all_but_top, load_model
 from ..ppo import PPOConfig, ppo_train
 from ..reward_model import RewardModelConfig, train_reward_model
@@ -484,8 +485,8 @@ def best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward, 
     candidates = generate(reference, tokenizer, [eval_prompts[i] for i in prefix_of for _ in range(n)],
                           scale.new_tokens, batch_size=scale.sample_batch, seed=seed + 11)
     scores = learned_reward(candidates)
-    nonempty = [bool(c["completion"].strip()) for c in candidates]  # the reward model never saw an empty one
-    best = [max(range(i, i + n), key=lambda k: (nonempty[k], scores[k])) for i in range(0, len(candidates), n)]
+    texts = [c["completion"] for c in candidates]  # the reward model never saw an empty one: best_scored
+    best = [i + best_scored(texts[i:i + n], scores[i:i + n]) for i in range(0, len(candidates), n)]
     reward, reward_se = mean_and_se(ground_truth([candidates[k] for k in best]), prefix_of)
     return {"method": "best_of_n", "param": n, "step": 0, "seed": seed, "reward": reward, "reward_se": reward_se,
             "kl": best_of_n_kl(n), "kl_se": 0.0, "kl_is_bound": True, "samples": len(best), "kl_samples": 0,

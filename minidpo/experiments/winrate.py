@@ -43,7 +43,16 @@ import torch
 from .. import dpo, memory
 from ..bundled import bundled_path
 from ..dpo import frozen_copy
-from ..judges import ApiJudge, FeatureRewardModel, LongerJudge, ProxyJudge, RewardModelJudge, judge_agreement, win_rate
+from ..judges import (
+    ApiJudge,
+    FeatureRewardModel,
+    LongerJudge,
+    ProxyJudge,
+    RewardModelJudge,
+    best_scored,
+    judge_agreement,
+    win_rate,
+)
 from ..models import freeze_all_but_top, load_model
 from ..sampling import generate
 from ..sft import autocast_for, checkpointing, sft_train
@@ -240,7 +249,7 @@ def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, se
     scores = reward(repeated, responses)
     candidates = [responses[i * n:(i + 1) * n] for i in range(len(prompts))]
     candidate_scores = [scores[i * n:(i + 1) * n] for i in range(len(prompts))]
-    best = [c[max(range(n), key=lambda k: (bool(c[k].strip()), s[k]))] for c, s in zip(candidates, candidate_scores)]
+    best = [c[best_scored(c, s)] for c, s in zip(candidates, candidate_scores)]
     return best, candidates, candidate_scores
 
 
