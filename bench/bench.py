@@ -129,7 +129,7 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     pad = tokenizer.eos_token_id
     B = cfg["pairs"]
     batches = [examples[i:i + B] for i in range(0, len(examples), B)]
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg["dtype"] == "bf16" else None
+    autocast = (lambda: dpo.bf16_autocast(device.type)) if cfg["dtype"] == "bf16" else None
     precomputed = None
     if impl == "minidpo-precomputed-ref":  # setup, not timed: the reference runs once over the data
         chosen, rejected = dpo.precompute_reference_logps(reference, examples, pad, device, B)
@@ -299,7 +299,8 @@ def main(argv=None):
         if "trl" in impls:
             print("TRL is not installed (pip install -r bench/requirements.txt): benchmarking minidpo alone")
             impls.remove("trl")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH")) if p)  # keep the caller's
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def child(*extra):
         out = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),

@@ -457,6 +457,13 @@ def disable_dropout(model):
             module.p = 0.0
 
 
+def bf16_autocast(device_type):
+    """bf16 autocast for the forward passes; the weights stay fp32. Its cache of bf16 weight copies is off:
+    autocast keeps a trainable weight's copy until the OUTERMOST autocast region exits, so a loop run inside
+    a caller's autocast (an experiment's, say) would compute every step with the weights of its first."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+
+
 def frozen_copy(model):
     """The reference model pi_ref: a copy of the initial policy, eval mode, no gradients, never DDP."""
     reference = copy.deepcopy(model).eval()
@@ -818,7 +825,7 @@ def prepare_run(config, train_records, eval_records, model, tokenizer):
     run.policy.train()
     run.reference = None if config.reference_free else frozen_copy(run.policy)
     bf16 = config.dtype == "bf16" or (config.dtype == "auto" and device.type == "cuda")
-    run.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    run.autocast = (lambda: bf16_autocast(device.type)) if bf16 else contextlib.nullcontext
     run.train_ref = run.eval_ref = None
     if config.precompute_ref and run.reference is not None:
         run.train_ref, run.eval_ref = reference_logps_cached(run, lambda examples: precompute_reference_logps(

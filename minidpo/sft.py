@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .dpo import IGNORE_INDEX, all_reduce_sum, batch_logps, ensure_pad_token, shard
+from .dpo import IGNORE_INDEX, all_reduce_sum, batch_logps, bf16_autocast, ensure_pad_token, shard
 
 
 def tokenize_sft(tokenizer, prompt, response, max_length=512, max_prompt_length=None):
@@ -63,7 +63,7 @@ def autocast_for(dtype, device):
     if dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown dtype {dtype!r}; expected auto, fp32 or bf16")
     if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        return lambda: bf16_autocast(device.type)
     return contextlib.nullcontext
 
 

@@ -2,7 +2,7 @@
 
     python -m minidpo.experiments.imdb --scale smoke        # tiny random GPT-2, toy reward: ~1 minute
     python -m minidpo.experiments.imdb --scale laptop       # SmolLM2-135M-Instruct + VADER, offline: ~30 min, 2 cores
-    python -m minidpo.experiments.imdb --scale laptop_long  # the same with 3 seeds, SE 0.02 per point: ~2.6 h, 2 cores
+    python -m minidpo.experiments.imdb --scale laptop_long  # the same with 3 seeds, SE 0.02 per point: ~2.1 h, 2 cores
     python -m minidpo.experiments.imdb --scale gpu          # the same assets, paper-sized budgets, bf16: one H100
     python -m minidpo.experiments.imdb --scale paper        # gpt2-large SFT on IMDb + siebert classifier, on a GPU
     python -m minidpo.experiments.imdb --scale laptop --estimate   # the estimated time only
@@ -99,19 +99,21 @@ SCALES = {
                     ppo=dict(iterations=16, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=16),
                     reward_model=dict(epochs=1, batch_size=8, lr=5e-5, train_layers=4, eval_every=24),
                     best_of=(4, 16), eval_samples=4, kl_samples=1),
-    # The evidence, designed for <= 3 h alone on 2 cores (~2.6 h by estimate_seconds): 3 seeds of DPO and
-    # PPO-GT, 134 prefixes x 4 samples (804 pairs, 1.3 epochs in 128 steps), the top 6 blocks trained, two
-    # evaluations per run. Held-out:
+    # The evidence, designed for <= 3 h alone on 2 cores (~2.1 h by estimate_seconds): 3 seeds of DPO and
+    # PPO-GT, 134 prefixes x 4 samples (804 pairs, 1.3 epochs in 128 steps), the top 6 blocks trained, one
+    # evaluation per run, at its end (an evaluation costs ~1.4 min: two per run would add ~23 min). Held-out:
     # 80 prefixes x 8 samples = 640 rewards per point, standard error 0.5 / sqrt(640) = 0.020.
     "laptop_long": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=24,
-                         steps=128, eval_every=64, ppo_eval_every=16, batch_size=8, lr=5e-5, train_layers=6,
+                         steps=128, eval_every=128, ppo_eval_every=32, batch_size=8, lr=5e-5, train_layers=6,
                          dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.1, 1.0), ppo_targets=(1.0, 4.0),
                          ppo=dict(iterations=32, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=32),
                          reward_model=dict(epochs=2, batch_size=8, lr=5e-5, train_layers=6, eval_every=50),
                          best_of=(4, 16), best_of_picks=2, eval_samples=8, kl_samples=1, seeds=3,
                          seeded=("dpo", "ppo_gt")),
     # The same offline assets with paper-sized budgets for one GPU (bf16 autocast), designed for ~15 min on an
-    # H100 by estimate_seconds with ASSUMED (unmeasured) H100 costs: time it and scale `steps` to fit. Every
+    # H100 by estimate_seconds with ASSUMED H100 costs. A cut-down run timed on an H200 (docs/results/
+    # gpu_h200_2026-11-26) found PPO ~3x slower than assumed: the whole preset ~30 min there. Not yet re-sized
+    # (one cut-down run): time it whole and scale `steps` and PPO's iterations to fit. Every
     # block trained; 134 prefixes x 10 samples: ~6k pairs (the paper's pair counts from more samples per
     # prefix: only 214 prefixes ship); 80 steps of 64 pairs; 3 seeds of DPO and PPO-GT. Held-out: 80
     # prefixes x 16 samples = 1280 rewards per point, standard error 0.5 / sqrt(1280) = 0.014 (Best-of-N:
@@ -143,7 +145,8 @@ LAPTOP_COSTS = {"load": 20.0, "forward_token": 1.6 / (16 * 56), "train_token_per
                 "sample_token": 15 / (64 * 48), "kl_token": 17 / (64 * 48), "blocks": 30, "prompt_tokens": 6}
 # One H100, bf16: NOT measured, assumed from FLOPs (~100 TFLOP/s reached on a 135M model's batches, the
 # laptop's 0.12): ~300x for training and KL passes; sampling is bound by one small step per token, ~50x
-# in batches of 256 (Scale.sample_batch). Replace with measured costs when a GPU run has been timed.
+# in batches of 256 (Scale.sample_batch). Measured on an H200 (docs/results/gpu_h200_2026-11-26): DPO, the reward
+# model and loading within 25 % of these; sampling ~3x and PPO ~3x slower. Replace them once the whole preset is timed.
 H100_COSTS = {**LAPTOP_COSTS, "load": 30.0, "forward_token": LAPTOP_COSTS["forward_token"] / 300,
               "train_token_per_block": LAPTOP_COSTS["train_token_per_block"] / 300,
               "sample_token": LAPTOP_COSTS["sample_token"] / 50, "kl_token": LAPTOP_COSTS["kl_token"] / 300}
@@ -325,7 +328,7 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     methods = methods or ["dpo", "preferred_ft", "unlikelihood", "ppo_gt", "ppo", "best_of_n"]
     bf16 = scale.dtype == "bf16" and device.type == "cuda"  # on a CPU (tests, laptops) the run stays fp32
     print_estimate(scale, methods, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+    with dpo.bf16_autocast(device.type) if bf16 else contextlib.nullcontext():  # no weight cache: see there
         return run_experiment(scale, scale_name, out, seed, methods, device, "bf16" if bf16 else "fp32")
 
 
