@@ -1,9 +1,13 @@
 # The environment (offline, smoke scale) is set in the repository's root conftest.py.
+import json
+import os
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+from minidpo import dpo
 from minidpo.models import byte_tokenizer, gpt2_tokenizer, save_tiny, tiny_gpt2, tiny_neox
 
 hf_logging.disable_progress_bar()
@@ -41,6 +45,30 @@ def toy_records(n=32, seed=0):
         prompt = f"{rng.choice(subjects)} #{i} was"
         records.append({"prompt": prompt, "chosen": " good, really good.", "rejected": " bad, really bad."})
     return records
+
+
+# ---- a DPO run on the toy set (the training tests' helpers) -----------------------------------------------
+
+def config(tmp_path, name="run", **overrides):
+    base = dict(out=str(tmp_path / name), batch_size=8, lr=1e-3, optimizer="adamw", warmup_steps=2,
+                max_steps=4, eval_every=2, eval_size=0, max_length=64, max_prompt_length=32, progress=False)
+    base.update(overrides)
+    return dpo.TrainConfig(**base)
+
+
+def run(cfg, records=None, eval_records=None, seed=0):
+    records = toy_records(32) if records is None else records
+    eval_records = toy_records(8, seed=1) if eval_records is None else eval_records
+    return dpo.train(cfg, records, eval_records, model=tiny_gpt2(seed=seed), tokenizer=byte_tokenizer())
+
+
+def read_rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(rows, split="train"):
+    return [r["loss"] for r in rows if r["split"] == split]
 
 
 def dropout_gpt2(p=0.5):

@@ -2,12 +2,11 @@
 inside the IMDb experiment's autocast the reward model's zero-initialised head never moved (accuracy 0.000),
 because torch's autocast keeps each trainable weight's bf16 copy until the outermost region exits."""
 import contextlib
-import json
 
 import pytest
 import torch
 
-from conftest import toy_records
+from conftest import config, losses, run, toy_records
 from minidpo import dpo
 from minidpo.models import byte_tokenizer, tiny_gpt2
 from minidpo.reward_model import RewardModelConfig, train_reward_model
@@ -38,11 +37,10 @@ def test_bf16_autocast_computes_with_the_current_weights():
 
 
 def train_losses(tmp_path, name, context):
-    config = dpo.TrainConfig(out=str(tmp_path / name), beta=0.1, batch_size=8, lr=3e-3, warmup_steps=0, max_steps=3,
-                             eval_every=3, save_every=3, dtype="bf16", progress=False, seed=0)
+    cfg = config(tmp_path, name, beta=0.1, optimizer="rmsprop", lr=3e-3, warmup_steps=0, max_steps=3, eval_every=3,
+                 save_every=3, dtype="bf16", seed=0)
     with context:
-        dpo.train(config, toy_records(16), [], model=tiny_gpt2(vocab_size=257, seed=0), tokenizer=byte_tokenizer())
-    return [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+        return losses(run(cfg, toy_records(16), []))
 
 
 def test_dpo_training_inside_a_callers_autocast_is_training_without_it(tmp_path):

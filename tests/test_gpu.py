@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import toy_records
+from conftest import config, losses, toy_records
 from minidpo import dpo
 from minidpo.experiments import imdb
 from minidpo.models import byte_tokenizer, load_model, tiny_gpt2
@@ -53,14 +53,13 @@ def test_bf16_sequence_logps_match_fp32(which):
 
 
 def train_tiny(tmp_path, dtype, precompute_ref, steps=30):
-    config = dpo.TrainConfig(out=str(tmp_path / f"{dtype}-{precompute_ref}"), beta=0.1, batch_size=8, lr=3e-3,
-                             warmup_steps=0, max_steps=steps, eval_every=steps, save_every=steps, dtype=dtype,
-                             precompute_ref=precompute_ref, progress=False, seed=0)
-    model = tiny_gpt2(vocab_size=257, seed=0)
-    records = toy_records(32)
-    dpo.train(config, records, records[:8], model=model, tokenizer=byte_tokenizer())
-    rows = [json.loads(line) for line in open(tmp_path / f"{dtype}-{precompute_ref}" / "metrics.jsonl")]
-    return model, [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "eval"][-1]
+    """(the trained model, its train losses, its last eval row)."""
+    cfg = config(tmp_path, f"{dtype}-{precompute_ref}", beta=0.1, optimizer="rmsprop", lr=3e-3, warmup_steps=0,
+                 max_steps=steps, eval_every=steps, save_every=steps, dtype=dtype, precompute_ref=precompute_ref,
+                 seed=0)
+    model, records = tiny_gpt2(vocab_size=257, seed=0), toy_records(32)
+    rows = dpo.train(cfg, records, records[:8], model=model, tokenizer=byte_tokenizer())
+    return model, losses(rows), [r for r in rows if r["split"] == "eval"][-1]
 
 
 def test_bf16_training_keeps_fp32_weights_and_learns_like_fp32(tmp_path):
@@ -70,7 +69,7 @@ def test_bf16_training_keeps_fp32_weights_and_learns_like_fp32(tmp_path):
     _, train32, eval32 = train_tiny(tmp_path, "fp32", precompute_ref=False)
     assert next(model.parameters()).device.type == "cuda"
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert abs(train16[0]["loss"] - math.log(2)) < 1e-3 and abs(train32[0]["loss"] - math.log(2)) < 1e-6
+    assert abs(train16[0] - math.log(2)) < 1e-3 and abs(train32[0] - math.log(2)) < 1e-6
     for row in (eval16, eval32):
         assert row["loss"] < 0.3 and row["rewards/accuracy"] == 1.0, row
 
@@ -81,7 +80,7 @@ def test_bf16_precomputed_reference_matches_the_live_reference(tmp_path):
     _, live, _ = train_tiny(tmp_path, "bf16", precompute_ref=False, steps=5)
     _, precomputed, _ = train_tiny(tmp_path, "bf16", precompute_ref=True, steps=5)
     for a, b in zip(live, precomputed):
-        assert abs(a["loss"] - b["loss"]) < 2e-2, (a, b)
+        assert abs(a - b) < 2e-2, (a, b)
 
 
 def test_imdb_gpu_preset_runs_in_bf16_on_cuda_with_tiny_stand_ins(tmp_path):

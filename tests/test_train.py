@@ -11,37 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import minidpo
-from conftest import toy_records
+from conftest import config, losses, read_rows, run, toy_records
 from minidpo import dpo
 from minidpo.models import byte_tokenizer, tiny_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config(tmp_path, name="run", **overrides):
-    base = dict(out=str(tmp_path / name), batch_size=8, lr=1e-3, optimizer="adamw", warmup_steps=2,
-                max_steps=4, eval_every=2, eval_size=0, max_length=64, max_prompt_length=32, progress=False)
-    base.update(overrides)
-    return dpo.TrainConfig(**base)
-
-
-def run(cfg, records=None, eval_records=None, seed=0):
-    records = toy_records(32) if records is None else records
-    eval_records = toy_records(8, seed=1) if eval_records is None else eval_records
-    return dpo.train(cfg, records, eval_records, model=tiny_gpt2(seed=seed), tokenizer=byte_tokenizer())
-
-
-def read_rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def weights(folder):
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
-
-
-def losses(rows, split="train"):
-    return [r["loss"] for r in rows if r["split"] == split]
 
 
 # ---- learning ------------------------------------------------------------------------------------
