@@ -119,7 +119,7 @@ def matmul_ceiling(threads, dtype_name="fp32", device="cpu", sizes=None):
 def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     import torch
 
-    from minidpo import dpo
+    from minidpo import dpo, runs
     cfg = SIZES[size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, reference = build(size, 0).to(device), dpo.frozen_copy(build(size, 1)).to(device)
@@ -132,9 +132,9 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     autocast = (lambda: dpo.bf16_autocast(device.type)) if cfg["dtype"] == "bf16" else None
     precomputed = None
     if impl == "minidpo-precomputed-ref":  # setup, not timed: the reference runs once over the data
-        chosen, rejected = dpo.precompute_reference_logps(reference, examples, pad, device, B)
+        chosen, rejected = runs.precompute_reference_logps(reference, examples, pad, device, B)
         precomputed = (chosen, rejected)
-    optimizer = dpo.make_optimizer(policy.parameters(), config)  # fused AdamW
+    optimizer, _ = dpo.make_optimizer(policy.parameters(), config)  # fused AdamW
 
     def step(i):
         idx = list(range((i % len(batches)) * B, (i % len(batches)) * B + B))
@@ -232,9 +232,9 @@ def minidpo_config(size):
 
 def minidpo_examples(size, records, tokenizer):
     """The workload tokenized as minidpo does it (TRL's tokens are the same: the loss check says so)."""
-    from minidpo import dpo
+    from minidpo.data import tokenize_records
     config = minidpo_config(size)
-    return dpo.tokenize_records(tokenizer, records, config.max_length, config.max_prompt_length)[0]
+    return tokenize_records(tokenizer, records, config.max_length, config.max_prompt_length)[0]
 
 
 def worker(impl, size, steps, warmup, num_pairs):

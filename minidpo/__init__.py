@@ -1,16 +1,17 @@
 """minidpo: Direct Preference Optimization (Rafailov et al., 2023), small enough to read.
 
-The whole method is in minidpo/dpo.py; the rest of the package is what the experiments need
-around it (data loaders, models for each scale, plots, the command line).
+The method and one run from start to finish are minidpo/dpo.py; what runs that are interrupted, repeated or shared
+need (checkpoints, exact resume, signals, a reference cache) is minidpo/runs.py; the rest of the package is what the
+experiments need around them (data loaders, models for each scale, plots, the command line).
 """
 
 import os
 
-from . import dpo
+from . import dpo, runs
+from .data import tokenize_records
 from .dpo import (
     IGNORE_INDEX,
     TrainConfig,
-    TrainingStopped,
     check_record,
     collate,
     concatenated_forward,
@@ -18,18 +19,19 @@ from .dpo import (
     gradient_weights,
     implicit_reward_scores,
     implicit_rewards,
-    load_model_and_tokenizer,
     preference_metrics,
     sequence_logps,
     tokenize_pair,
-    tokenize_records,
 )
+from .models import load_model_and_tokenizer
 from .plackett_luce import plackett_luce_loss
+from .runs import RunConfig, TrainingStopped
 
 
 def train(config, train_records, eval_records=None, model=None, tokenizer=None, callback=None):
-    """minidpo.dpo.train, then the plot <out>/training.png on the master rank (dpo.py alone draws nothing)."""
-    rows = dpo.train(config, train_records, eval_records, model=model, tokenizer=tokenizer, callback=callback)
+    """minidpo.runs.train (dpo.train with checkpoints, exact resume and signals), then the plot <out>/training.png
+    on the master rank: the one place a run's plot is drawn (dpo.py alone draws nothing)."""
+    rows = runs.train(config, train_records, eval_records, model=model, tokenizer=tokenizer, callback=callback)
     if int(os.environ.get("RANK", "0")) == 0 and os.path.exists(os.path.join(config.out, "metrics.jsonl")):
         from .plots import plot_training
         plot_training(config.out)
@@ -37,7 +39,8 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
 
 
 __all__ = [
-    "IGNORE_INDEX", "TrainConfig", "TrainingStopped", "check_record", "collate", "concatenated_forward", "dpo_loss",
-    "gradient_weights", "implicit_reward_scores", "implicit_rewards", "load_model_and_tokenizer",
-    "plackett_luce_loss", "preference_metrics", "sequence_logps", "tokenize_pair", "tokenize_records", "train",
+    "dpo", "runs", "IGNORE_INDEX", "RunConfig", "TrainConfig", "TrainingStopped", "check_record", "collate",
+    "concatenated_forward", "dpo_loss", "gradient_weights", "implicit_reward_scores", "implicit_rewards",
+    "load_model_and_tokenizer", "plackett_luce_loss", "preference_metrics", "sequence_logps", "tokenize_pair",
+    "tokenize_records", "train",
 ]

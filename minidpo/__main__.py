@@ -17,7 +17,8 @@ import re
 import sys
 
 from .bundled import bundled_path
-from .dpo import TrainConfig, TrainingStopped, check_out_folder, train, validate_config
+from .dpo import validate_config
+from .runs import RunConfig, TrainingStopped, check_out_folder
 
 DEFAULT_DATA = bundled_path("preferences.jsonl")
 
@@ -35,10 +36,13 @@ DATA_OPTIONS = {"format": "dataset format: generic | hh | tldr | shp (default: f
 
 
 def field_help():
-    """The one-line comment of each TrainConfig field, read from its source: the --help text."""
+    """The one-line comment of each RunConfig field (and of the TrainConfig fields it extends), read from their
+    source: the --help text."""
     import inspect
+
+    from .dpo import TrainConfig
     comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
+    for line in (inspect.getsource(TrainConfig) + inspect.getsource(RunConfig)).splitlines():
         match = re.match(r"\s+(\w+): [\w\[\]|, ]+ = .+?  # (.*)$", line)
         if match:
             comments[match.group(1)] = match.group(2)
@@ -54,7 +58,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="python -m minidpo", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = field_help()
-    for field in dataclasses.fields(TrainConfig):
+    for field in dataclasses.fields(RunConfig):
         default = f"default: {field.default!r}"
         if field.name in LAPTOP_DEFAULTS:
             shown = os.path.basename(DEFAULT_DATA) if field.name == "dataset" else LAPTOP_DEFAULTS[field.name]
@@ -84,22 +88,22 @@ def parse(argv=None):
 
 def saved_settings(out):
     """The settings a run in `out` was started with (saved with its checkpoint), or {}."""
-    from .dpo import latest_checkpoint, saved_run_settings
+    from .runs import latest_checkpoint, saved_run_settings
     checkpoint = latest_checkpoint(out) if os.path.isdir(out) else None
     return saved_run_settings(checkpoint) if checkpoint else {}
 
 
 def config_from_args(argv=None):
-    """(TrainConfig, data options) from command-line arguments. With --resume, every flag not given takes
+    """(RunConfig, data options) from command-line arguments. With --resume, every flag not given takes
     the value the run was started with, so `python -m minidpo --out runs/x --resume` continues it."""
     args = parse(argv)
     data_options = {name: args.pop(name) for name in DATA_OPTIONS}
     data_options["split"] = data_options["split"] or "train"
     given = {k: v for k, v in args.items() if v is not None}
-    out = given.get("out") or (TrainConfig.out if "model" in given else LAPTOP_DEFAULTS["out"])
+    out = given.get("out") or (RunConfig.out if "model" in given else LAPTOP_DEFAULTS["out"])
     saved = saved_settings(out) if given.get("resume") else None
     if saved:
-        fields = {field.name for field in dataclasses.fields(TrainConfig)}
+        fields = {field.name for field in dataclasses.fields(RunConfig)}
         given = {**{k: v for k, v in saved.items() if k in fields and k not in ("resume", "overwrite")}, **given}
     elif "model" not in given:
         from .models import smollm2_gguf
@@ -108,7 +112,7 @@ def config_from_args(argv=None):
     elif "dataset" not in given:
         print(f"no --dataset: training on the bundled demo data ({DEFAULT_DATA})")
         given["dataset"] = DEFAULT_DATA
-    return TrainConfig(**given), data_options
+    return RunConfig(**given), data_options
 
 
 def check_before_loading(config):
@@ -140,7 +144,8 @@ def load_records(config, data_options, tokenizer):
 def run(config, data_options):
     from transformers.utils import logging as hf_logging
 
-    from .dpo import load_model_and_tokenizer
+    from . import train
+    from .models import load_model_and_tokenizer
     check_before_loading(config)
     hf_logging.disable_progress_bar()  # loading and saving bars between the log lines: the run has its own
     try:
@@ -156,10 +161,10 @@ def run(config, data_options):
         dist.destroy_process_group()
         if rank != 0:
             return
-    from .plots import plot_training
-    plot = plot_training(config.out)
-    print(f"\nmodel:   {os.path.join(config.out, 'final')}\nmetrics: {os.path.join(config.out, 'metrics.jsonl')}"
-          f"\nplot:    {plot}\ncheckpoint (for --resume): {os.path.join(config.out, 'checkpoint')}")
+    out = config.out
+    print(f"\nmodel:   {os.path.join(out, 'final')}\nmetrics: {os.path.join(out, 'metrics.jsonl')}"
+          f"\nplot:    {os.path.join(out, 'training.png')}\n"
+          f"checkpoint (for --resume): {os.path.join(out, 'checkpoint')}")
 
 
 def main(argv=None):

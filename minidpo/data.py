@@ -22,7 +22,7 @@ import os
 import random
 import re
 
-from .dpo import _report_bad_records, check_record
+from .dpo import check_record, tokenize_pair
 
 HUB_FORMATS = {
     "Anthropic/hh-rlhf": "hh",
@@ -252,15 +252,59 @@ def load_preferences(name_or_path, split="train", format=None, *, config_name=No
             check_record(record)
             records.append({**record, "_source": where})
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            errors.append((i, f"{where}: {e}"))
-    _report(errors, len(raw), skip_invalid)
+            errors.append((where, str(e)))
+    report_bad_records(errors, len(raw), skip_invalid)
     columns = ("prompt", "chosen", "rejected") + (("_source",) if with_source else ())
     return Dataset.from_dict({k: [r[k] for r in records] for k in columns})
 
 
-def _report(errors, total, skip_invalid):
-    """errors: (index, "name: reason") pairs. Raise listing them, or with skip_invalid print and go on."""
-    _report_bad_records([tuple(message.split(": ", 1)) for _, message in errors], total, skip_invalid, verbose=True)
+# ---- bad records: every one named, all reported at once --------------------------------------------
+
+HINTS = {"leaves no room": "raise --max_length or lower --max_prompt_length",
+         "identical": "drop those records, or pass --skip_invalid"}
+
+
+def report_bad_records(errors, total, skip_invalid, verbose=True):
+    """errors: (name, reason) pairs out of `total` records. Raise a ValueError listing them (the first 20), or
+    with skip_invalid print them and go on. If every record fails for the same reason, that is a setting to
+    change, not records to drop: an error with a hint, skip_invalid or not."""
+    if not errors:
+        return
+    reasons = {re.sub(r"\d+", "N", reason) for _, reason in errors}  # "the prompt (41 tokens)" is alike for all N
+    if len(errors) == total and len(reasons) == 1:  # dropping them all would leave nothing to train on
+        name, reason = errors[0]
+        hint = next((fix for key, fix in HINTS.items() if key in reason), "check the data")
+        raise ValueError(f"all {total} records fail alike, e.g. {name}: {reason}; {hint}")
+    listing = "\n  ".join(f"{name}: {reason}" for name, reason in errors[:20]) + ("\n  ..." if len(errors) > 20 else "")
+    if not skip_invalid:
+        raise ValueError(f"{len(errors)} of {total} records are invalid (--skip_invalid drops them):\n  {listing}")
+    if verbose:
+        print(f"skipping {len(errors)} of {total} invalid records:\n  {listing}")
+
+
+def tokenize_records(tokenizer, records, max_length=512, max_prompt_length=256, skip_invalid=False, verbose=True):
+    """dpo.tokenize_pair over records, each named by its "_source" key (file:line) or its index. A bad record
+    is an error listing every bad one; skip_invalid drops and reports them. Truncation is reported once.
+    Returns (examples, kept_indices)."""
+    examples, kept, errors, cut = [], [], [], {"pairs": 0, "prompt": 0, "response": 0}
+    for i, record in enumerate(records):
+        try:
+            check_record(record)
+            example, cuts = tokenize_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"],
+                                          max_length, max_prompt_length, with_cuts=True)
+        except ValueError as e:
+            errors.append((record.get("_source", f"record {i}") if isinstance(record, dict) else f"record {i}", str(e)))
+            continue
+        examples.append(example)
+        kept.append(i)
+        cut["pairs"] += cuts["prompt"] or cuts["response"]
+        cut["prompt"] += cuts["prompt"]
+        cut["response"] += cuts["response"]
+    report_bad_records(errors, len(records), skip_invalid, verbose)
+    if verbose and cut["pairs"]:
+        print(f"truncated {cut['pairs']} of {len(examples)} pairs to max_length={max_length} "
+              f"(prompt cut in {cut['prompt']}, response cut in {cut['response']})")
+    return examples, kept
 
 
 def validate_preferences(records, skip_invalid=False):
@@ -273,8 +317,8 @@ def validate_preferences(records, skip_invalid=False):
             check_record(record)
             valid.append(record)
         except ValueError as e:
-            errors.append((i, f"record {i}: {e}"))
-    _report(errors, len(records), skip_invalid)
+            errors.append((f"record {i}", str(e)))
+    report_bad_records(errors, len(records), skip_invalid)
     return valid
 
 
@@ -324,6 +368,6 @@ def load_tldr_sft(name_or_path="CarperAI/openai_summarize_tldr", split="train", 
                     raise ValueError(f"{field!r} is missing or empty")
             records.append({"prompt": row["prompt"].rstrip(), "response": " " + row["label"].strip()})
         except ValueError as e:
-            errors.append((i, f"{name_or_path}[{i}]: {e}"))
-    _report(errors, len(raw), skip_invalid)
+            errors.append((f"{name_or_path}[{i}]", str(e)))
+    report_bad_records(errors, len(raw), skip_invalid)
     return Dataset.from_dict({k: [r[k] for r in records] for k in ("prompt", "response")})

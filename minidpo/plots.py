@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from .dpo import latest_checkpoint, saved_run_settings
+from .runs import latest_checkpoint, saved_run_settings
 
 LOSS_NAMES = {"sigmoid": "DPO loss (Eq. 7)", "ipo": "IPO loss", "hinge": "hinge loss"}
 

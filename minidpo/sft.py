@@ -172,7 +172,8 @@ def load_sft_records(source, split="train", format="auto"):
 
 
 def main(argv=None):
-    from .dpo import load_model_and_tokenizer, setup_distributed
+    from .dpo import setup_distributed
+    from .models import load_model_and_tokenizer
     parser = argparse.ArgumentParser(prog="python -m minidpo.sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a hub name or local folder")

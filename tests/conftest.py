@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from minidpo import dpo
+from minidpo import runs
 from minidpo.models import byte_tokenizer, gpt2_tokenizer, save_tiny, tiny_gpt2, tiny_neox
 
 hf_logging.disable_progress_bar()
@@ -53,14 +53,14 @@ def config(tmp_path, name="run", **overrides):
     base = dict(out=str(tmp_path / name), batch_size=8, lr=1e-3, optimizer="adamw", warmup_steps=2,
                 max_steps=4, eval_every=2, eval_size=0, max_length=64, max_prompt_length=32, progress=False)
     base.update(overrides)
-    return dpo.TrainConfig(**base)
+    return runs.RunConfig(**base)
 
 
 def run(cfg, records=None, eval_records=None, seed=0, callback=None):
     records = toy_records(32) if records is None else records
     eval_records = toy_records(8, seed=1) if eval_records is None else eval_records
-    return dpo.train(cfg, records, eval_records, model=tiny_gpt2(seed=seed), tokenizer=byte_tokenizer(),
-                     callback=callback)
+    return runs.train(cfg, records, eval_records, model=tiny_gpt2(seed=seed), tokenizer=byte_tokenizer(),
+                      callback=callback)
 
 
 def read_rows(out):

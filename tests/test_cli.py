@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_same_training, toy_records
-from minidpo import data, dpo
+from minidpo import data, dpo, runs
 from minidpo.__main__ import build_parser, config_from_args, main
 from minidpo.models import byte_tokenizer
 
@@ -121,7 +121,7 @@ def test_when_every_record_fails_alike_the_error_says_the_fix(tmp_path, tiny_mod
 
 def test_max_length_beyond_the_models_context(tmp_path, tiny_model_dir, pairs):
     result = cli(*common(tiny_model_dir, pairs, tmp_path / "o", "--max_length", "600"))
-    assert result.returncode == 2 and "--max_length 600 is beyond the model's context of 512 tokens" in result.stderr
+    assert result.returncode == 2 and "max_length 600 is beyond the model's context of 512 tokens" in result.stderr
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
@@ -218,7 +218,7 @@ def test_sigterm_exits_0_with_a_checkpoint_and_resume_matches(tmp_path, tiny_mod
     resumed, _ = config_from_args(["--out", str(tmp_path / "stopped"), "--resume"])  # the run's own settings
     assert (resumed.model, resumed.lr, resumed.max_steps, resumed.batch_size) == (tiny_model_dir, 1e-3, 6, 4)
     with pytest.raises(ValueError, match="--lr 0.001 -> 0.01"):
-        dpo.check_resumed_settings(str(tmp_path / "stopped" / "checkpoint"), dataclasses.asdict(
+        runs.check_resumed_settings(str(tmp_path / "stopped" / "checkpoint"), dataclasses.asdict(
             config_from_args(["--out", str(tmp_path / "stopped"), "--resume", "--lr", "1e-2"])[0]))
     assert cli("--out", str(tmp_path / "stopped"), "--resume").returncode == 0
     whole = cli(*common(tiny_model_dir, pairs, tmp_path / "whole", "--max_steps", "6", "--eval_every", "2"))

@@ -1,6 +1,7 @@
 """The core of minidpo/dpo.py, each claim against an oracle (pitfalls 1-9 and 12 of PAPER.md)."""
 
 import ast
+import json
 import math
 import os
 import shutil
@@ -398,6 +399,40 @@ print("ok", losses.mean().item())
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
 
+
+ALONE_RUN = """
+import json, os, sys
+sys.modules["minidpo"] = None  # the package is out of reach: dpo.py must train on its own
+import dpo
+records = [{"prompt": f"Review {i}:", "chosen": " good, really good.", "rejected": " bad, really bad."}
+           for i in range(16)]
+config = dpo.TrainConfig(model=sys.argv[1], out=sys.argv[2], batch_size=4, grad_accum=2, max_steps=4, lr=1e-3,
+                         optimizer="adamw", warmup_steps=0, eval_every=2, max_length=64, max_prompt_length=32,
+                         progress=False)
+dpo.train(config, records, records[:4])
+"""
+
+
+def test_core_copied_alone_trains_on_one_process_and_under_torchrun(tmp_path, tiny_model_dir):
+    """dpo.py in an empty folder, with only torch and transformers: train() loads the model from config.model,
+    trains, logs and saves <out>/final; under torchrun with 2 ranks it logs what one process logs."""
+    shutil.copy(core_path(), tmp_path / "dpo.py")
+    (tmp_path / "run.py").write_text(ALONE_RUN)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    launchers = {"single": [sys.executable], "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node=2"]}
+    rows = {}
+    for name, launcher in launchers.items():
+        result = subprocess.run([*launcher, "run.py", tiny_model_dir, name], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert (tmp_path / name / "final" / "config.json").exists()
+        rows[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    assert [(r["step"], r["split"]) for r in rows["single"]] == [
+        (0, "eval"), (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"), (4, "eval")]
+    assert rows["single"][-1]["loss"] < math.log(2) - 0.05  # it learned: the eval loss fell from ln 2
+    for a, b in zip(rows["single"], rows["ddp"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a["step"], a["split"])
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox"])
 def test_freeze_all_but_top_trains_the_top_blocks_and_the_final_norm_only(arch):

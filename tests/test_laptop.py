@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minidpo.dpo import load_model_and_tokenizer
-from minidpo.models import smollm2_gguf
+from minidpo.models import load_model_and_tokenizer, smollm2_gguf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import minidpo
 from conftest import toy_records
-from minidpo import dpo
+from minidpo import dpo, runs
 from minidpo.models import byte_tokenizer, tiny_gpt2
 
 
@@ -19,12 +19,12 @@ def config(tmp_path, name="run", **overrides):
                 max_steps=6, eval_every=2, save_every=100, max_length=64, max_prompt_length=32, progress=False,
                 precompute_ref=True)
     base.update(overrides)
-    return dpo.TrainConfig(**base)
+    return runs.RunConfig(**base)
 
 
 def run(cfg, callback=None, records=None):
     records = toy_records(32) if records is None else records
-    return dpo.train(cfg, records, toy_records(8, seed=1), model=tiny_gpt2(), tokenizer=byte_tokenizer(),
+    return runs.train(cfg, records, toy_records(8, seed=1), model=tiny_gpt2(), tokenizer=byte_tokenizer(),
                      callback=callback)
 
 
@@ -61,7 +61,7 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, signum):
-    with pytest.raises(dpo.TrainingStopped, match="stopped at step 3"):
+    with pytest.raises(runs.TrainingStopped, match="stopped at step 3"):
         run(config(tmp_path), callback=signal_at(3, signum))  # no periodic checkpoint is due at step 3
     out = tmp_path / "run"
     assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
@@ -73,7 +73,7 @@ def test_a_signal_saves_the_step_and_resume_equals_an_uninterrupted_run(tmp_path
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    with dpo.StopSignals() as signals:
+    with runs.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
@@ -110,7 +110,7 @@ def test_a_malformed_line_inside_the_log_is_an_error_naming_it(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "split": "train"}\nnot json\n{"step": 2, "split": "train"}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics row"):
-        dpo.rewrite_metrics_upto(str(path), 2, eval_every=0)
+        runs.rewrite_metrics_upto(str(path), 2, eval_every=0)
 
 
 # ---- a failed save -------------------------------------------------------------------------------
@@ -142,19 +142,19 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_resume_from_it_matches(
 
 def count_reference_passes(monkeypatch):
     calls = []
-    real = dpo.precompute_reference_logps
+    real = runs.precompute_reference_logps
 
     def counting(reference, examples, *args, **kwargs):
         calls.append(len(examples))
         return real(reference, examples, *args, **kwargs)
 
-    monkeypatch.setattr(dpo, "precompute_reference_logps", counting)
+    monkeypatch.setattr(runs, "precompute_reference_logps", counting)
     return calls
 
 
 def test_reference_logps_are_saved_and_reused_on_resume(tmp_path, uninterrupted, monkeypatch):
     calls = count_reference_passes(monkeypatch)
-    with pytest.raises(dpo.TrainingStopped):
+    with pytest.raises(runs.TrainingStopped):
         run(config(tmp_path), callback=signal_at(2))
     assert calls == [32, 8]  # train and eval examples, once
     saved = torch.load(tmp_path / "run" / "reference_logps.pt", weights_only=True)
@@ -166,7 +166,7 @@ def test_reference_logps_are_saved_and_reused_on_resume(tmp_path, uninterrupted,
 
 def test_reference_logps_for_other_data_are_recomputed(tmp_path, monkeypatch, capsys):
     calls = count_reference_passes(monkeypatch)
-    with pytest.raises(dpo.TrainingStopped):
+    with pytest.raises(runs.TrainingStopped):
         run(config(tmp_path), callback=signal_at(2))
     path = tmp_path / "run" / "reference_logps.pt"
     saved = torch.load(path, weights_only=True)
@@ -203,15 +203,15 @@ def test_overwrite_removes_what_resume_would_read(tmp_path, monkeypatch):
 
 
 def test_resume_with_a_changed_setting_is_an_error_listing_it(tmp_path):
-    with pytest.raises(dpo.TrainingStopped):
+    with pytest.raises(runs.TrainingStopped):
         run(config(tmp_path), callback=signal_at(2))
     with pytest.raises(ValueError, match=r"--beta 0.1 -> 0.5\n  --lr 0.001 -> 1e-05"):
         run(config(tmp_path, resume=True, lr=1e-5, beta=0.5))
     with pytest.raises(ValueError, match=r"\n  train_data '\w+' -> '\w+'\n"):
         run(config(tmp_path, resume=True), records=toy_records(32, seed=7))
     with pytest.raises(ValueError, match=r"\n  initial_weights '\w+' -> '\w+'\n"):  # another model, the same name
-        dpo.train(config(tmp_path, resume=True), toy_records(32), toy_records(8, seed=1), model=tiny_gpt2(seed=3),
-                  tokenizer=byte_tokenizer())
+        runs.train(config(tmp_path, resume=True), toy_records(32), toy_records(8, seed=1), model=tiny_gpt2(seed=3),
+                   tokenizer=byte_tokenizer())
     run(config(tmp_path, resume=True, max_steps=8, eval_every=4, progress=True))  # bookkeeping may change
 
 
@@ -225,14 +225,14 @@ def test_resume_without_a_checkpoint(tmp_path, capsys):
 
 def test_the_default_saves_every_tenth_of_the_run(tmp_path, monkeypatch):
     saved_at = []
-    real = dpo.save_checkpoint
-    monkeypatch.setattr(dpo, "save_checkpoint", lambda out, *args: saved_at.append(args[-2]) or real(out, *args))
+    real = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda out, *args: saved_at.append(args[-2]) or real(out, *args))
     run(config(tmp_path, max_steps=20, save_every=0, eval_every=0))
     assert saved_at == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_log(tmp_path):
-    with pytest.raises(ValueError, match="--max_length 1024 is beyond the model's context of 512 tokens"):
+    with pytest.raises(ValueError, match="max_length 1024 is beyond the model's context of 512 tokens"):
         run(config(tmp_path, max_length=1024))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     run(config(tmp_path, max_steps=1))  # the same folder takes the next run without --overwrite

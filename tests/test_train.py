@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import minidpo
 from conftest import assert_same_training, config, losses, parity, read_rows, run, toy_records
-from minidpo import dpo
+from minidpo import dpo, runs
 from minidpo.models import byte_tokenizer, tiny_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,21 +63,21 @@ def test_parity_check_catches_real_bugs(tmp_path, monkeypatch):
     run(config(tmp_path, "wrong_batch", grad_accum=2, eval_every=0, max_steps=6, save_every=3))
     monkeypatch.setattr(dpo, "shard", real_shard)
 
-    def stop_after_step_3(step, policy):
-        if step == 3:
+    def crash_in_step_4(step, policy):  # after the step-3 checkpoint
+        if step == 4:
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):  # resume without the optimizer's state
         run(config(tmp_path, "no_optimizer_state", grad_accum=2, eval_every=0, max_steps=6, save_every=3),
-            callback=stop_after_step_3)
-    real_load = dpo.load_checkpoint
+            callback=crash_in_step_4)
+    real_load = runs.load_checkpoint
 
     def load_without_optimizer_state(path, policy, optimizer, scheduler):
         step = real_load(path, policy, optimizer, scheduler)
         optimizer.state.clear()
         return step
 
-    monkeypatch.setattr(dpo, "load_checkpoint", load_without_optimizer_state)
+    monkeypatch.setattr(runs, "load_checkpoint", load_without_optimizer_state)
     run(config(tmp_path, "no_optimizer_state", grad_accum=2, eval_every=0, max_steps=6, save_every=3, resume=True))
 
     for bug in ("wrong_batch", "no_optimizer_state"):
@@ -204,9 +204,9 @@ def test_a_finished_run_resumed_does_nothing(tmp_path):
 def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     model, tokenizer = tiny_gpt2(), byte_tokenizer()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = dpo.warmup_schedule(optimizer, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     out = str(tmp_path)
-    dpo.save_checkpoint(out, model, tokenizer, optimizer, scheduler, step=1)
+    runs.save_checkpoint(out, model, tokenizer, optimizer, scheduler, step=1)
 
     class Broken:
         def save_pretrained(self, folder):
@@ -216,17 +216,18 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     with pytest.raises(OSError):
-        dpo.save_checkpoint(out, model, Broken(), optimizer, scheduler, step=2)
-    path = dpo.latest_checkpoint(out)
+        runs.save_checkpoint(out, model, Broken(), optimizer, scheduler, step=2)
+    path = runs.latest_checkpoint(out)
     fresh = tiny_gpt2(seed=5)
-    step = dpo.load_checkpoint(path, fresh, torch.optim.AdamW(fresh.parameters()), dpo.warmup_schedule(
-        torch.optim.AdamW(fresh.parameters()), 0))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    step = runs.load_checkpoint(path, fresh, fresh_optimizer, torch.optim.lr_scheduler.LambdaLR(fresh_optimizer,
+                                                                                                lambda step: 1.0))
     assert step == 1
     assert torch.equal(fresh.lm_head.weight, tiny_gpt2().lm_head.weight)
 
     # Cut between the two renames: only checkpoint.old is complete, and it is the one found.
     os.replace(os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old"))
-    assert dpo.latest_checkpoint(out).endswith("checkpoint.old")
+    assert runs.latest_checkpoint(out).endswith("checkpoint.old")
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def test_precompute_scores_each_distinct_sequence_once_and_exactly(tokenizer, mo
         return real(m, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(dpo, "batch_logps", counting)
-    chosen, rejected = dpo.precompute_reference_logps(model, examples, tokenizer.pad_token_id, "cpu", batch_size=2)
+    chosen, rejected = runs.precompute_reference_logps(model, examples, tokenizer.pad_token_id, "cpu", batch_size=2)
     assert sum(scored) == 9 and max(scored) == 4  # 9 distinct sequences, 2 x batch_size at a time
     with torch.no_grad():
         for i, ex in enumerate(examples):
@@ -339,8 +340,8 @@ def test_precomputed_reference_logps_tie_with_the_policy_at_step_0(tokenizer):
     # (the fast log-softmax), or float noise breaks every tie and the first accuracy is not 1/2.
     examples, _ = minidpo.tokenize_records(tokenizer, toy_records(16))
     policy = tiny_gpt2(vocab_size=257)
-    chosen, rejected = dpo.precompute_reference_logps(dpo.frozen_copy(policy), examples, tokenizer.pad_token_id,
-                                                      "cpu", batch_size=4)
+    chosen, rejected = runs.precompute_reference_logps(dpo.frozen_copy(policy), examples, tokenizer.pad_token_id,
+                                                       "cpu", batch_size=4)
     with torch.no_grad():
         for start in range(0, 16, 4):
             live = dpo.concatenated_forward(policy, minidpo.collate(examples[start:start + 4], tokenizer.pad_token_id))

@@ -193,7 +193,7 @@ def test_scale_overrides_parse_booleans():
 
 def test_beta_is_the_papers_unless_given(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(winrate.dpo, "train", lambda config, *args, **kwargs: seen.append(config.beta))
+    monkeypatch.setattr(winrate.runs, "train", lambda config, *args, **kwargs: seen.append(config.beta))
     winrate.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "a"), "--set", "dpo_steps=2", "test_prompts=2",
                         "best_of_n=0", "agreement_pairs=2"])
     winrate.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "b"), "--beta", "0.3", "--set", "dpo_steps=2",

@@ -45,6 +45,8 @@ from ..judges import best_scored
 from ..models import freeze_all_but_top, load_model
 from ..ppo import PPOConfig, ppo_train
 from ..reward_model import RewardModelConfig, train_reward_model
+from ..runs import RunConfig
+from ..runs import train as dpo_train
 from ..sampling import generate, sequence_kl
 
 
@@ -401,19 +403,19 @@ def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
                                      else None)
 
     if "dpo" in methods:
-        runs = [(beta, 0.0) for beta in scale.dpo_betas]
-        runs += [(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else []
-        for beta, rpo in runs:
+        settings = [(beta, 0.0) for beta in scale.dpo_betas]
+        settings += [(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else []
+        for beta, rpo in settings:
             name = "dpo" if not rpo else "dpo+nll"
             for run_seed in run_seeds(scale, name, seed):
-                config = dpo.TrainConfig(out=seed_folder(os.path.join(out, f"{name}-beta{beta}"), run_seed, seed),
-                                         beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer="adamw",
-                                         lr=scale.lr, warmup_steps=0, max_steps=scale.steps,
-                                         eval_every=scale.eval_every, max_length=256, max_prompt_length=64,
-                                         precompute_ref=True, overwrite=True, progress=False, dtype=dtype,
-                                         save_every=scale.steps, seed=run_seed,  # one checkpoint, at the end
-                                         reference_logps_file=os.path.join(out, "reference_logps.pt"))  # shared
-                dpo.train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
+                config = RunConfig(out=seed_folder(os.path.join(out, f"{name}-beta{beta}"), run_seed, seed),
+                                   beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer="adamw",
+                                   lr=scale.lr, warmup_steps=0, max_steps=scale.steps,
+                                   eval_every=scale.eval_every, max_length=256, max_prompt_length=64,
+                                   precompute_ref=True, overwrite=True, progress=False, dtype=dtype,
+                                   save_every=scale.steps, seed=run_seed,  # one checkpoint, at the end
+                                   reference_logps_file=os.path.join(out, "reference_logps.pt"))  # shared
+                dpo_train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
                           callback=evaluating(name, beta, run_seed))
                 print(f"[{time.time() - started:5.0f}s] {name} beta={beta} seed {run_seed} done")
     for method in BASELINES:  # unlikelihood_token (Welleck's bounded form) runs only when asked for

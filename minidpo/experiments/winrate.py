@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import dpo, memory
+from .. import memory, runs
 from ..bundled import bundled_path
 from ..dpo import frozen_copy
 from ..judges import (
@@ -396,19 +396,19 @@ def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, 
         del reward
 
     # 4. DPO from the reference, in place; win rates along training at every temperature (Fig. 3 right).
-    config = dpo.TrainConfig(out=os.path.join(out, "dpo"), beta=beta, batch_size=scale.batch_size,
-                             grad_accum=scale.grad_accum, optimizer=scale.optimizer, lr=scale.lr,
-                             warmup_steps=scale.warmup_steps, max_steps=scale.dpo_steps, eval_every=0,
-                             save_every=scale.dpo_steps, max_length=scale.max_length,
-                             max_prompt_length=scale.max_prompt_length, dtype=scale.dtype, precompute_ref=True,
-                             overwrite=True, progress=False, seed=seed)
+    config = runs.RunConfig(out=os.path.join(out, "dpo"), beta=beta, batch_size=scale.batch_size,
+                            grad_accum=scale.grad_accum, optimizer=scale.optimizer, lr=scale.lr,
+                            warmup_steps=scale.warmup_steps, max_steps=scale.dpo_steps, eval_every=0,
+                            save_every=scale.dpo_steps, max_length=scale.max_length,
+                            max_prompt_length=scale.max_prompt_length, dtype=scale.dtype, precompute_ref=True,
+                            overwrite=True, progress=False, seed=seed)
     def along(step, trained):
         if step and scale.eval_every and step % scale.eval_every == 0 and step < scale.dpo_steps:
             measure(trained, "dpo", step, scale.temperatures)
 
     os.makedirs(config.out, exist_ok=True)
     with checkpointing(policy, scale.gradient_checkpointing):
-        dpo.train(config, data.train, [], model=policy, tokenizer=tokenizer, callback=along)
+        runs.train(config, data.train, [], model=policy, tokenizer=tokenizer, callback=along)
     measure(policy, "dpo", scale.dpo_steps, scale.temperatures)
 
     summary["seconds"] = time.time() - started
