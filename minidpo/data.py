@@ -140,9 +140,10 @@ def detect_format(columns, first_row=None):
     return "generic"
 
 
-def read_jsonl(path):
-    """Records from a JSON-lines file (blank lines skipped), each dict with "_source": "<path>:<line>", the
-    name every error about it uses (underscored: a user's own "source" field stays as it is)."""
+def read_jsonl(path, with_source=True):
+    """The rows of a JSON-lines file (blank lines skipped; a bad line is an error naming it): the one reader of the
+    package, for data, metrics and results alike. with_source: each dict row gets "_source": "<path>:<line>", the
+    name every error about a record uses (underscored: a user's own "source" field stays as it is)."""
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -151,7 +152,7 @@ def read_jsonl(path):
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if isinstance(record, dict):
+                if with_source and isinstance(record, dict):
                     record["_source"] = f"{path}:{lineno}"
                 records.append(record)
     return records

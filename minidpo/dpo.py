@@ -56,9 +56,7 @@ def token_logps(logits, labels, fast=False, overwrite=False):
 
 def sequence_logps(logits, labels, average=False, fast=False, overwrite=False):
     """log pi(y|x) of each sequence: the sum over response tokens (the paper's choice). Returns (B,).
-
-    average: the per-token mean instead (an option: it changes the effective beta with length).
-    """
+    average: the per-token mean instead (an option: it changes the effective beta with length)."""
     logps, mask = token_logps(logits, labels, fast, overwrite)  # (B, T-1), (B, T-1)
     total = logps.sum(-1)  # (B,)
     return total / mask.sum(-1).clamp(min=1) if average else total
@@ -301,9 +299,7 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
     <out>/final/; returns the rows logged. hooks: what minidpo.runs adds (checkpoints, resume, signals); the default is
     a plain run."""
     run = prepare_run(config, train_records, eval_records or [], model, tokenizer, hooks or RunHooks())
-    if run.step >= run.total_steps:
-        if run.master:
-            print(f"{config.out}: the run already finished at step {run.step}; nothing to do")
+    if run.step >= run.total_steps:  # a finished run, resumed: nothing to do
         return []
     from tqdm.auto import tqdm
     progress = tqdm(total=run.total_steps, initial=run.step, desc="dpo", dynamic_ncols=True,
@@ -408,7 +404,7 @@ def prepare_run(config, train_records, eval_records, model, tokenizer, hooks):
     if config.disable_dropout:
         disable_dropout(run.policy)
     run.reference = None if config.reference_free else frozen_copy(run.policy)
-    if config.dtype == "bf16" or (config.dtype == "auto" and device.type == "cuda"):
+    if uses_bf16(config.dtype, device.type):
         run.autocast = lambda: bf16_autocast(device.type)
     run.optimizer, run.scheduler = make_optimizer(trainable(run.policy), config)
     run.step = hooks.start(run)
@@ -568,6 +564,10 @@ def disable_dropout(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+def uses_bf16(dtype, device_type):
+    """The one rule for the whole package: bf16 autocast for dtype "bf16", or "auto" on a GPU; fp32 otherwise."""
+    return dtype == "bf16" or (dtype == "auto" and device_type == "cuda")
 
 def bf16_autocast(device_type):
     """bf16 autocast for the forward passes; the weights stay fp32. Its cache of bf16 weight copies is off: autocast

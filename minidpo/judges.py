@@ -12,7 +12,7 @@ one interface — judge(prompts, candidates, baselines) -> list of verdicts, eac
     ProxyJudge        offline: a Bradley-Terry reward model (Eq. 2) fitted on held-out preference
                       pairs over a frozen LM's features. A real but weak proxy for human judgement.
 
-FeatureRewardModel, the proxy judge's reward model, also ranks Best-of-N samples (experiments/winrate.py).
+FeatureRewardModel, the proxy judge's reward model, also ranks Best-of-N samples (experiments/tldr_hh.py).
 judge_agreement() checks any judge against held-out labels (people's, or set by construction offline) and
 against itself with the two responses swapped (the offline stand-in for the paper's Table 2); LongerJudge is
 its no-model baseline; repeated_bigrams flags the degenerate loops a learned judge can score well.
@@ -113,10 +113,8 @@ class ApiJudge:
         self.requests = 0
         self.cache = {}
         if cache_path and os.path.exists(cache_path):
-            with open(cache_path, encoding="utf-8") as f:
-                for line in f:
-                    entry = json.loads(line)
-                    self.cache[entry["key"]] = entry["answer"]
+            from .data import read_jsonl
+            self.cache = {entry["key"]: entry["answer"] for entry in read_jsonl(cache_path, with_source=False)}
 
     def _key(self, content):
         return hashlib.sha256(json.dumps([self.model, content]).encode()).hexdigest()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
+from .data import read_jsonl
 from .runs import latest_checkpoint, saved_run_settings
 
 LOSS_NAMES = {"sigmoid": "DPO loss (Eq. 7)", "ipo": "IPO loss", "hinge": "hinge loss"}
@@ -30,8 +30,7 @@ def plot_training(out, filename="training.png"):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"), with_source=False)
     settings = run_settings(out)
     loss_type = settings.get("loss_type", "sigmoid")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

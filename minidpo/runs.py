@@ -117,7 +117,9 @@ class RunSafety(dpo.RunHooks):
         step = load_checkpoint(self.resume_from, run.policy, run.optimizer, run.scheduler)
         if run.master:
             rewrite_metrics_upto(os.path.join(self.config.out, "metrics.jsonl"), step, self.config.eval_every)
-            print(f"resumed from {self.resume_from} at step {step}")
+            done = step >= run.total_steps
+            print(f"{self.config.out}: the run already finished at step {step}; nothing to do" if done
+                  else f"resumed from {self.resume_from} at step {step}")
         return step
 
     def reference_logps(self, run):  # computed once (and cached on disk), then the reference model is freed

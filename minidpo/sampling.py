@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dpo import IGNORE_INDEX, ensure_pad_token, position_ids_from_mask
-
-
-def _left_pad(sequences, pad_id):
-    T = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in sequences])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in sequences])
-    return ids, mask
+from .dpo import IGNORE_INDEX, ensure_pad_token, pad_sequences, position_ids_from_mask
 
 
 @torch.no_grad()
@@ -31,7 +24,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=1.0, batc
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        ids, mask = _left_pad(prompt_ids, pad)
+        ids, mask, _ = pad_sequences([(ids, ids) for ids in prompt_ids], pad, padding_side="left")
         torch.manual_seed(seed + start)  # each batch seeded: the same prompts give the same samples
         kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
             dict(do_sample=False)

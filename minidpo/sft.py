@@ -18,7 +18,16 @@ import os
 
 import torch
 
-from .dpo import IGNORE_INDEX, all_reduce_sum, batch_logps, bf16_autocast, ensure_pad_token, shard
+from .dpo import (
+    IGNORE_INDEX,
+    all_reduce_sum,
+    batch_logps,
+    bf16_autocast,
+    ensure_pad_token,
+    pad_sequences,
+    shard,
+    uses_bf16,
+)
 
 
 def tokenize_sft(tokenizer, prompt, response, max_length=512, max_prompt_length=None):
@@ -43,11 +52,7 @@ def tokenize_sft(tokenizer, prompt, response, max_length=512, max_prompt_length=
 
 def pad_sft(examples, pad_token_id):
     """Right-pad {"input_ids", "labels"} lists into tensors (ids, attention mask, labels), each (B, T)."""
-    T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.tensor([e["input_ids"] + [pad_token_id] * (T - len(e["input_ids"])) for e in examples])
-    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (T - len(e["input_ids"])) for e in examples])
-    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (T - len(e["labels"])) for e in examples])
-    return ids, mask, labels
+    return pad_sequences([(e["input_ids"], e["labels"]) for e in examples], pad_token_id)
 
 
 def sft_loss(model, ids, mask, labels, average=True):
@@ -62,7 +67,7 @@ def autocast_for(dtype, device):
     """A context factory: bf16 autocast for dtype "bf16", or "auto" on a GPU; fp32 otherwise."""
     if dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown dtype {dtype!r}; expected auto, fp32 or bf16")
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    if uses_bf16(dtype, device.type):
         return lambda: bf16_autocast(device.type)
     return contextlib.nullcontext
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_same_training, toy_records
+from conftest import assert_same_training, read_rows, toy_records
 from minidpo import data, dpo, runs
 from minidpo.__main__ import build_parser, config_from_args, main
 from minidpo.models import byte_tokenizer
@@ -26,11 +26,6 @@ def cli(*args, runner=("-m", "minidpo"), timeout=300):
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
-
-
-def rows_of(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture
@@ -56,7 +51,7 @@ def test_twelve_records_train_with_the_default_eval_size(tmp_path, tiny_model_di
     result = cli(*common(tiny_model_dir, dataset, tmp_path / "out", "--max_steps", "2"))
     assert result.returncode == 0, result.stderr
     assert "held out 1 of 12 records for evaluation" in result.stdout
-    assert [r["step"] for r in rows_of(tmp_path / "out") if r["split"] == "train"] == [1, 2]
+    assert [r["step"] for r in read_rows(tmp_path / "out") if r["split"] == "train"] == [1, 2]
 
 
 def test_the_default_eval_size_is_a_tenth_up_to_64():
@@ -223,7 +218,7 @@ def test_sigterm_exits_0_with_a_checkpoint_and_resume_matches(tmp_path, tiny_mod
     assert cli("--out", str(tmp_path / "stopped"), "--resume").returncode == 0
     whole = cli(*common(tiny_model_dir, pairs, tmp_path / "whole", "--max_steps", "6", "--eval_every", "2"))
     assert whole.returncode == 0
-    assert rows_of(tmp_path / "stopped") == rows_of(tmp_path / "whole")
+    assert read_rows(tmp_path / "stopped") == read_rows(tmp_path / "whole")
 
 
 def test_sigterm_on_one_of_two_ranks_stops_both_at_the_same_step(tmp_path, tiny_model_dir, pairs):
@@ -236,7 +231,7 @@ def test_sigterm_on_one_of_two_ranks_stops_both_at_the_same_step(tmp_path, tiny_
     assert cli(*args, "--resume", runner=(*torchrun, "-m", "minidpo")).returncode == 0
     whole_args = common(tiny_model_dir, pairs, tmp_path / "whole", "--max_steps", "4", "--eval_every", "2")
     assert cli(*whole_args, runner=(*torchrun, "-m", "minidpo")).returncode == 0
-    resumed, whole = rows_of(tmp_path / "stopped"), rows_of(tmp_path / "whole")
+    resumed, whole = read_rows(tmp_path / "stopped"), read_rows(tmp_path / "whole")
     assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in whole]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
     assert_same_training(tiny_model_dir, tmp_path / "whole" / "final", tmp_path / "stopped" / "final", lr=1e-3, steps=4)

@@ -201,12 +201,12 @@ def test_an_empty_response_loses_to_any_other_whatever_its_score():
 
 def test_proxy_judge_without_pairs_is_a_clear_error_not_a_crash():
     """At paper scale judge_pairs was 0, and fitting on no pairs failed inside torch.cat."""
-    from minidpo.experiments import winrate
+    from minidpo.experiments import tldr_hh
     from minidpo.models import byte_tokenizer, tiny_gpt2
     with pytest.raises(ValueError, match="at least 2 preference pairs.*judge_pairs"):
         ProxyJudge(tiny_gpt2(seed=0).eval(), byte_tokenizer(), [])
     for task in ("tldr", "hh"):
-        assert winrate.scales(task)["paper"].judge_pairs >= 1000  # the default judge has pairs to fit on
+        assert tldr_hh.scales(task)["paper"].judge_pairs >= 1000  # the default judge has pairs to fit on
 
 
 def test_judge_agreement_counts_agreement_with_labels_and_swap_consistency():

@@ -76,27 +76,27 @@ def test_the_generation_estimate_matches_a_measured_peak():
 
 @pytest.mark.parametrize("task", ["tldr", "hh"])
 def test_the_paper_scale_fits_one_80gb_gpu(task):
-    from minidpo.experiments import winrate
+    from minidpo.experiments import tldr_hh
     config = memory.model_config("EleutherAI/pythia-2.8b")
     shape = memory.shape_of(config)
     assert 2.7e9 < shape.params < 2.8e9  # Pythia-2.8B: 2.78B parameters
-    paper = winrate.scales(task)["paper"]
-    stages = winrate.memory_estimate(paper, "proxy", config, device_type="cuda")
+    paper = tldr_hh.scales(task)["paper"]
+    stages = tldr_hh.memory_estimate(paper, "proxy", config, device_type="cuda")
     assert max(memory.total(parts) for parts in stages.values()) < 80 * memory.GB
     assert "fits in 80 GB" in memory.format_estimate(stages)
     # What the issue found: fp32, the whole batch of 64 pairs in one forward, no checkpointing: far over.
-    naive = winrate.memory_estimate(winrate.dataclasses.replace(paper, dtype="fp32", grad_accum=1,
+    naive = tldr_hh.memory_estimate(tldr_hh.dataclasses.replace(paper, dtype="fp32", grad_accum=1,
                                                                 gradient_checkpointing=False), "proxy", config)
     assert memory.total(naive["DPO"]) > 80 * memory.GB
     assert "does NOT fit" in memory.format_estimate(naive)
     # the judge's copy only when that judge is used
-    api = winrate.memory_estimate(paper, "api", config, device_type="cuda")
+    api = tldr_hh.memory_estimate(paper, "api", config, device_type="cuda")
     assert all("judge copy" not in parts for parts in api.values())
     assert all(parts["judge copy"] == shape.params * memory.BF16 for parts in stages.values())
 
 
 def test_the_memory_flag_prints_the_estimate_and_exits(capsys):
-    from minidpo.experiments import winrate
-    winrate.main("hh", ["--scale", "paper", "--memory"])
+    from minidpo.experiments import tldr_hh
+    tldr_hh.main("hh", ["--scale", "paper", "--memory"])
     out = capsys.readouterr().out
     assert "DPO" in out and "SFT" in out and "fits in 80 GB" in out

@@ -1,6 +1,5 @@
 """A run's output folder under faults: preemption, a torn log, a failed save, a changed setting, a reused folder."""
 
-import json
 import os
 import signal
 
@@ -9,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import minidpo
-from conftest import toy_records
+from conftest import read_rows, toy_records
 from minidpo import dpo, runs
 from minidpo.models import byte_tokenizer, tiny_gpt2
 
@@ -26,11 +25,6 @@ def run(cfg, callback=None, records=None):
     records = toy_records(32) if records is None else records
     return runs.train(cfg, records, toy_records(8, seed=1), model=tiny_gpt2(), tokenizer=byte_tokenizer(),
                      callback=callback)
-
-
-def rows_of(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def weights(folder):
@@ -68,7 +62,7 @@ def test_a_signal_saves_the_step_and_resume_equals_an_uninterrupted_run(tmp_path
     assert not (out / "final").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     run(config(tmp_path, resume=True))
-    assert rows_of(out) == rows_of(uninterrupted)
+    assert read_rows(out) == read_rows(uninterrupted)
     assert_same_weights(out / "final", uninterrupted / "final")
 
 
@@ -103,7 +97,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, uninterrupted, 
     monkeypatch.setattr(dpo, "train_step", real)
     run(config(tmp_path, save_every=2, resume=True))
     assert "dropped a torn last line" in capsys.readouterr().out
-    assert rows_of(tmp_path / "run") == rows_of(uninterrupted)  # every step logged once
+    assert read_rows(tmp_path / "run") == read_rows(uninterrupted)  # every step logged once
 
 
 def test_a_malformed_line_inside_the_log_is_an_error_naming_it(tmp_path):
@@ -134,7 +128,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_resume_from_it_matches(
     assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(torch, "save", real_save)
     run(config(tmp_path, save_every=2, resume=True))
-    assert rows_of(out) == rows_of(uninterrupted)
+    assert read_rows(out) == read_rows(uninterrupted)
     assert_same_weights(out / "final", uninterrupted / "final")
 
 
@@ -161,7 +155,7 @@ def test_reference_logps_are_saved_and_reused_on_resume(tmp_path, uninterrupted,
     assert saved["train"][0].shape == (32,)
     run(config(tmp_path, resume=True))
     assert calls == [32, 8]  # not again
-    assert rows_of(tmp_path / "run") == rows_of(uninterrupted)
+    assert read_rows(tmp_path / "run") == read_rows(uninterrupted)
 
 
 def test_reference_logps_for_other_data_are_recomputed(tmp_path, monkeypatch, capsys):
@@ -241,7 +235,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_log(tmp_path):
 def test_extending_a_finished_run_equals_an_uninterrupted_longer_one(tmp_path, uninterrupted):
     run(config(tmp_path, max_steps=3))  # ends with an evaluation at step 3, which a 6-step run does not have
     run(config(tmp_path, max_steps=6, resume=True))
-    assert rows_of(tmp_path / "run") == rows_of(uninterrupted)
+    assert read_rows(tmp_path / "run") == read_rows(uninterrupted)
     assert_same_weights(tmp_path / "run" / "final", uninterrupted / "final")
 
 

@@ -58,9 +58,9 @@ def test_sft_loss_is_the_response_nll_per_token(tokenizer):
 
 def test_sft_loss_decreases_on_the_smoke_data(tokenizer):
     from minidpo.data import load_preferences
-    from minidpo.experiments import winrate
+    from minidpo.experiments import tldr_hh
     records = [{"prompt": r["prompt"], "response": r["chosen"]}
-               for r in load_preferences(winrate.scales("hh")["smoke"].dataset).select(range(32))]
+               for r in load_preferences(tldr_hh.scales("hh")["smoke"].dataset).select(range(32))]
     losses = sft_train(tiny_neox(seed=0), tokenizer, records, steps=12, batch_size=8, lr=3e-3)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
 

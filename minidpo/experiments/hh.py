@@ -1,6 +1,6 @@
 """python -m minidpo.experiments.hh --scale smoke|laptop|paper: Anthropic HH dialogue win rates (paper Fig. 3)."""
 
-from .winrate import main
+from .tldr_hh import main
 
 if __name__ == "__main__":
     main("hh")

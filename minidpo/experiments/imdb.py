@@ -79,7 +79,7 @@ class Scale:
     best_of_picks: int = 1  # Best-of-N: picks (each the best of N candidates) per held-out prefix
     seeds: int = 1  # training seeds (seed, seed + 1, ...) of the methods in `seeded`; the others run once
     seeded: tuple[str, ...] = ("dpo", "ppo_gt", "ppo")
-    dtype: str = "fp32"  # "bf16": autocast on a GPU (on a CPU the run stays fp32)
+    dtype: str = "fp32"  # fp32 | bf16 | auto (bf16 autocast on a GPU, fp32 on a CPU): dpo.uses_bf16
     sample_batch: int = 32  # prompts per generate() call (a GPU wants hundreds)
 
 
@@ -126,14 +126,14 @@ SCALES = {
                  ppo=dict(iterations=32, rollouts=64, minibatch=16, ppo_epochs=4, lr=1.4e-5, horizon=128),
                  reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=50), best_of=(4, 16, 64),
                  best_of_picks=4, samples=10, eval_samples=16, kl_samples=1, seeds=3, seeded=("dpo", "ppo_gt"),
-                 dtype="bf16", sample_batch=256),
+                 dtype="auto", sample_batch=256),
     "paper": Scale(model="gpt2-large", reward="siebert/sentiment-roberta-large-english", train_prompts=25_000,
                    eval_prompts=512, new_tokens=48, steps=1500, eval_every=100, ppo_eval_every=10, batch_size=64,
                    lr=1e-6,
                    dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.05, 0.1, 0.5, 1.0), ppo_targets=(3.0, 6.0, 9.0, 12.0),
                    ppo=dict(iterations=200, rollouts=64, minibatch=16, lr=1.4e-5), best_of=(4, 16, 64, 128),
                    reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=100), sft_epochs=1.0,
-                   dtype="bf16"),
+                   dtype="auto"),
 }
 
 
@@ -328,7 +328,7 @@ def run(scale_name="smoke", out=None, seed=0, methods=None, device=None, **overr
     os.makedirs(out, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     methods = methods or ["dpo", "preferred_ft", "unlikelihood", "ppo_gt", "ppo", "best_of_n"]
-    bf16 = scale.dtype == "bf16" and device.type == "cuda"  # on a CPU (tests, laptops) the run stays fp32
+    bf16 = dpo.uses_bf16(scale.dtype, device.type)  # the gpu and paper presets: "auto", fp32 on a CPU
     print_estimate(scale, methods, device)
     with dpo.bf16_autocast(device.type) if bf16 else contextlib.nullcontext():  # no weight cache: see there
         return run_experiment(scale, scale_name, out, seed, methods, device, "bf16" if bf16 else "fp32")
@@ -354,12 +354,66 @@ def seed_folder(folder, run_seed, seed):
     return folder if run_seed == seed else f"{folder}-seed{run_seed}"
 
 
-def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
-    results_path = os.path.join(out, "results.jsonl")
-    open(results_path, "w").close()
-    started = time.time()
-    torch.manual_seed(seed)
+@dataclass
+class Experiment:
+    """What every step of one IMDb experiment shares: its settings, the reference, the prompts, the pairs."""
+    scale: Scale
+    scale_name: str
+    out: str
+    seed: int
+    methods: list
+    dtype: str  # what the runs compute in: "bf16" (autocast) or "fp32"
+    started: float = field(default_factory=time.time)
+    reference: torch.nn.Module = None  # pi_ref: every method starts from a copy of it, dropout off
+    tokenizer: object = None
+    evaluate: Evaluator = None  # samples a policy on the held-out prefixes and writes its reward and KL
+    train_prompts: list = field(default_factory=list)
+    eval_prompts: list = field(default_factory=list)
+    pairs: list = field(default_factory=list)  # the preference pairs every data-driven method trains on
+    summary: dict = field(default_factory=dict)  # written to summary.json at the end
 
+    @property
+    def results_path(self):
+        return os.path.join(self.out, "results.jsonl")
+
+    def log(self, message):
+        print(f"[{time.time() - self.started:5.0f}s] {message}")
+
+    def fresh_policy(self):  # a copy of the reference: dropout already off
+        return freeze_all_but_top(copy.deepcopy(self.reference).requires_grad_(True).train(), self.scale.train_layers)
+
+    def evaluating(self, method, param, run_seed, every=None):
+        """A training callback: evaluate the policy every `every` steps (default: the scale's eval_every)."""
+        every = every or self.scale.eval_every
+        return lambda step, policy: (self.evaluate(policy, method, param, step, run_seed) if step and step % every == 0
+                                     else None)
+
+
+def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
+    """Each method in turn from the same reference and pairs; results.jsonl, summary.json and the figures."""
+    experiment = Experiment(scale, scale_name, out, seed, methods, dtype)
+    open(experiment.results_path, "w").close()
+    torch.manual_seed(seed)
+    prepare(experiment, device)
+    base = experiment.evaluate(experiment.reference, "reference", "-", 0)
+    if "dpo" in methods:
+        train_dpo(experiment)
+    train_baselines(experiment)
+    learned_reward = fit_reward_model(experiment) if {"ppo", "best_of_n"} & set(methods) else None
+    train_ppo(experiment, learned_reward)
+    if "best_of_n" in methods:
+        for n in scale.best_of:
+            for run_seed in run_seeds(scale, "best_of_n", seed):
+                experiment.evaluate.write(best_of_n_row(experiment.reference, experiment.tokenizer,
+                                                        experiment.eval_prompts, scale, n, learned_reward,
+                                                        experiment.evaluate.score, run_seed))
+    return finish(experiment, base)
+
+
+def prepare(experiment, device):
+    """The reference (SFT at paper scale), the ground-truth reward, the prompts, and the preference pairs:
+    `samples` reference samples per training prefix, every pair ranked by the ground-truth reward."""
+    scale, seed = experiment.scale, experiment.seed
     reference, tokenizer = load_policy(scale, device)
     # Dropout off in every policy, in training and in measurement (as DPO, the authors' code and TRL do):
     # every policy is a copy of this one, so KL(pi || pi_ref) starts at exactly 0 for every method.
@@ -367,16 +421,13 @@ def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
     reward_fn = load_reward(scale, device)
     if scale.sft_epochs:  # paper scale: the reference is the model fine-tuned on IMDb train reviews
         summary_sft = sft_reference(reference, tokenizer, scale, seed)
-        print(f"[{time.time() - started:5.0f}s] reference: SFT on {summary_sft['reviews']} reviews, "
-              f"{summary_sft['steps']} steps")
+        experiment.log(f"reference: SFT on {summary_sft['reviews']} reviews, {summary_sft['steps']} steps")
     reference.eval().requires_grad_(False)
     train_prompts, eval_prompts = load_prompts(scale, tokenizer, seed)
-    evaluate = Evaluator(reference, tokenizer, eval_prompts, reward_fn, scale.new_tokens, results_path, seed,
-                         scale.eval_samples, scale.kl_samples, scale.sample_batch)
-    print(f"[{time.time() - started:5.0f}s] {len(train_prompts)} training and {len(eval_prompts)} held-out prefixes "
-          f"(x {scale.eval_samples} samples each per evaluation)")
-
-    # Preference pairs: `samples` reference samples per prefix, ranked by the ground-truth reward.
+    evaluate = Evaluator(reference, tokenizer, eval_prompts, reward_fn, scale.new_tokens, experiment.results_path,
+                         seed, scale.eval_samples, scale.kl_samples, scale.sample_batch)
+    experiment.log(f"{len(train_prompts)} training and {len(eval_prompts)} held-out prefixes "
+                   f"(x {scale.eval_samples} samples each per evaluation)")
     samples = generate(reference, tokenizer, [p for p in train_prompts for _ in range(scale.samples)],
                        scale.new_tokens, batch_size=scale.sample_batch, seed=seed)
     groups = [samples[i:i + scale.samples] for i in range(0, len(samples), scale.samples)]
@@ -384,102 +435,108 @@ def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
     rewards = [evaluate.score(group) for group in groups]
     completions, rewards, empty = drop_empty(completions, rewards)
     pairs, ties = preference_pairs(train_prompts, completions, rewards)
-    with open(os.path.join(out, "pairs.jsonl"), "w") as f:
+    with open(os.path.join(experiment.out, "pairs.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
-    print(f"[{time.time() - started:5.0f}s] {len(pairs)} preference pairs ({ties} ties and {empty} empty "
-          f"completions dropped)")
-    summary = {"scale": scale_name, "seed": seed, "config": asdict(scale), "pairs": len(pairs), "ties": ties,
-               "empty_completions": empty, "dtype": dtype}
+    experiment.log(f"{len(pairs)} preference pairs ({ties} ties and {empty} empty completions dropped)")
+    experiment.summary = {"scale": experiment.scale_name, "seed": seed, "config": asdict(scale), "pairs": len(pairs),
+                          "ties": ties, "empty_completions": empty, "dtype": experiment.dtype}
     if scale.sft_epochs:
-        summary["sft"] = summary_sft
+        experiment.summary["sft"] = summary_sft
+    experiment.reference, experiment.tokenizer, experiment.evaluate = reference, tokenizer, evaluate
+    experiment.train_prompts, experiment.eval_prompts, experiment.pairs = train_prompts, eval_prompts, pairs
 
-    base = evaluate(reference, "reference", "-", 0)
 
-    def fresh_policy():  # a copy of the reference: dropout already off
-        return freeze_all_but_top(copy.deepcopy(reference).requires_grad_(True).train(), scale.train_layers)
+def train_dpo(experiment):
+    """DPO at every beta (and DPO + NLL at the first, if rpo_alpha), every seed, through minidpo.runs.train; the
+    runs share one file of precomputed reference log-probs."""
+    scale, out = experiment.scale, experiment.out
+    settings = [(beta, 0.0) for beta in scale.dpo_betas]
+    settings += [(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else []
+    for beta, rpo in settings:
+        name = "dpo" if not rpo else "dpo+nll"
+        for run_seed in run_seeds(scale, name, experiment.seed):
+            config = RunConfig(out=seed_folder(os.path.join(out, f"{name}-beta{beta}"), run_seed, experiment.seed),
+                               beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer="adamw",
+                               lr=scale.lr, warmup_steps=0, max_steps=scale.steps,
+                               eval_every=scale.eval_every, max_length=256, max_prompt_length=64,
+                               precompute_ref=True, overwrite=True, progress=False, dtype=experiment.dtype,
+                               save_every=scale.steps, seed=run_seed,  # one checkpoint, at the end
+                               reference_logps_file=os.path.join(out, "reference_logps.pt"))  # shared
+            dpo_train(config, experiment.pairs, [], model=experiment.fresh_policy(), tokenizer=experiment.tokenizer,
+                      callback=experiment.evaluating(name, beta, run_seed))
+            experiment.log(f"{name} beta={beta} seed {run_seed} done")
 
-    def evaluating(method, param, run_seed, every=scale.eval_every):
-        return lambda step, policy: (evaluate(policy, method, param, step, run_seed) if step and step % every == 0
-                                     else None)
 
-    if "dpo" in methods:
-        settings = [(beta, 0.0) for beta in scale.dpo_betas]
-        settings += [(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else []
-        for beta, rpo in settings:
-            name = "dpo" if not rpo else "dpo+nll"
-            for run_seed in run_seeds(scale, name, seed):
-                config = RunConfig(out=seed_folder(os.path.join(out, f"{name}-beta{beta}"), run_seed, seed),
-                                   beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer="adamw",
-                                   lr=scale.lr, warmup_steps=0, max_steps=scale.steps,
-                                   eval_every=scale.eval_every, max_length=256, max_prompt_length=64,
-                                   precompute_ref=True, overwrite=True, progress=False, dtype=dtype,
-                                   save_every=scale.steps, seed=run_seed,  # one checkpoint, at the end
-                                   reference_logps_file=os.path.join(out, "reference_logps.pt"))  # shared
-                dpo_train(config, pairs, [], model=fresh_policy(), tokenizer=tokenizer,
-                          callback=evaluating(name, beta, run_seed))
-                print(f"[{time.time() - started:5.0f}s] {name} beta={beta} seed {run_seed} done")
-    for method in BASELINES:  # unlikelihood_token (Welleck's bounded form) runs only when asked for
-        params = [None] if method == "preferred_ft" else scale.ul_alphas
-        if method in methods:
-            for alpha in params:
-                for run_seed in run_seeds(scale, method, seed):
-                    train_baseline(method, fresh_policy(), tokenizer, pairs, steps=scale.steps,
-                                   batch_size=scale.batch_size, lr=scale.lr, alpha=alpha or 0.0, seed=run_seed,
-                                   callback=evaluating(method, alpha if alpha is not None else "-", run_seed))
-                    print(f"[{time.time() - started:5.0f}s] {method} {alpha} seed {run_seed} done")
+def train_baselines(experiment):
+    """Preferred-FT and Unlikelihood (every alpha) on the same pairs; unlikelihood_token (Welleck's bounded
+    form) runs only when asked for."""
+    scale = experiment.scale
+    for method in BASELINES:
+        if method not in experiment.methods:
+            continue
+        for alpha in [None] if method == "preferred_ft" else scale.ul_alphas:
+            for run_seed in run_seeds(scale, method, experiment.seed):
+                train_baseline(method, experiment.fresh_policy(), experiment.tokenizer, experiment.pairs,
+                               steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, alpha=alpha or 0.0,
+                               seed=run_seed, callback=experiment.evaluating(
+                                   method, alpha if alpha is not None else "-", run_seed))
+                experiment.log(f"{method} {alpha} seed {run_seed} done")
 
-    # A Bradley-Terry reward model (Eq. 2) on the same pairs, for PPO and Best-of-N: the reference with a
-    # scalar head, its best validation checkpoint kept, its accuracy measured on pairs of held-out prompts.
-    if {"ppo", "best_of_n"} & set(methods):
-        rm_config = RewardModelConfig(**{"train_layers": scale.train_layers, "seed": seed, **scale.reward_model})
-        reward_model, report = train_reward_model(reference, tokenizer, pairs, rm_config)
-        summary["reward_model_heldout_accuracy"] = report["test_accuracy"]
-        summary["reward_model"] = report
-        print(f"[{time.time() - started:5.0f}s] reward model (kept step {report['step']} of {report['steps']}): "
-              f"validation accuracy {report['val_accuracy']:.3f}, held-out pair accuracy "
-              f"{report['test_accuracy']:.3f} on {report['pairs']['test']} pairs")
 
-        def learned_reward(batch):
-            return reward_model.score([s["prompt"] for s in batch], [s["completion"] for s in batch])
+def fit_reward_model(experiment):
+    """A Bradley-Terry reward model (Eq. 2) on the same pairs, for PPO and Best-of-N: the reference with a scalar
+    head, its best validation checkpoint kept, its accuracy measured on pairs of held-out prompts. Returns the
+    learned reward: a list of samples -> their scores."""
+    rm_config = RewardModelConfig(**{"train_layers": experiment.scale.train_layers, "seed": experiment.seed,
+                                     **experiment.scale.reward_model})
+    reward_model, report = train_reward_model(experiment.reference, experiment.tokenizer, experiment.pairs, rm_config)
+    experiment.summary["reward_model_heldout_accuracy"] = report["test_accuracy"]
+    experiment.summary["reward_model"] = report
+    experiment.log(f"reward model (kept step {report['step']} of {report['steps']}): validation accuracy "
+                   f"{report['val_accuracy']:.3f}, held-out pair accuracy {report['test_accuracy']:.3f} on "
+                   f"{report['pairs']['test']} pairs")
+    return lambda batch: reward_model.score([s["prompt"] for s in batch], [s["completion"] for s in batch])
 
-    summary["ppo_history"] = {}
+
+def train_ppo(experiment, learned_reward):
+    """PPO-GT (the ground-truth reward) and PPO (the learned one), at the same target KLs, every seed."""
+    scale = experiment.scale
+    experiment.summary["ppo_history"] = {}
     for method in ("ppo_gt", "ppo"):
-        if method in methods:
-            for target in scale.ppo_targets:  # the same targets with the ground truth and the learned reward
-                for run_seed in run_seeds(scale, method, seed):
-                    config = PPOConfig(max_new_tokens=scale.new_tokens, target_kl=target, seed=run_seed, **scale.ppo)
-                    score = evaluate.score if method == "ppo_gt" else learned_reward
-                    history = ppo_train(fresh_policy(), reference, tokenizer, train_prompts, score, config,
-                                        callback=evaluating(method, target, run_seed, scale.ppo_eval_every))
-                    summary["ppo_history"][f"{method} target {target} seed {run_seed}"] = history
-                    print(f"[{time.time() - started:5.0f}s] {method} target KL {target} seed {run_seed} done: "
-                          f"kl_coef {config.init_kl_coef} -> {history[-1]['kl_coef']:.4f}, "
-                          f"sampled KL {history[-1]['kl']:.2f}")
+        if method not in experiment.methods:
+            continue
+        for target in scale.ppo_targets:
+            for run_seed in run_seeds(scale, method, experiment.seed):
+                config = PPOConfig(max_new_tokens=scale.new_tokens, target_kl=target, seed=run_seed, **scale.ppo)
+                score = experiment.evaluate.score if method == "ppo_gt" else learned_reward
+                history = ppo_train(experiment.fresh_policy(), experiment.reference, experiment.tokenizer,
+                                    experiment.train_prompts, score, config,
+                                    callback=experiment.evaluating(method, target, run_seed, scale.ppo_eval_every))
+                experiment.summary["ppo_history"][f"{method} target {target} seed {run_seed}"] = history
+                experiment.log(f"{method} target KL {target} seed {run_seed} done: kl_coef {config.init_kl_coef} "
+                               f"-> {history[-1]['kl_coef']:.4f}, sampled KL {history[-1]['kl']:.2f}")
 
-    if "best_of_n" in methods:
-        for n in scale.best_of:
-            for run_seed in run_seeds(scale, "best_of_n", seed):
-                evaluate.write(best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward,
-                                             evaluate.score, run_seed))
 
-    summary["seconds"] = time.time() - started
-    summary["reference"] = {"reward": base["reward"], "reward_se": base["reward_se"], "kl": base["kl"]}
+def finish(experiment, base):
+    """summary.json, the frontier and (with rpo_alpha) the training dynamics figure; returns results.jsonl's path."""
+    scale, out = experiment.scale, experiment.out
+    experiment.summary["seconds"] = time.time() - experiment.started
+    experiment.summary["reference"] = {"reward": base["reward"], "reward_se": base["reward_se"], "kl": base["kl"]}
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(experiment.summary, f, indent=1)
     from .plots import plot_dynamics, plot_frontier, reward_axis_label
-    figure = plot_frontier(results_path, os.path.join(out, "frontier.png"),
-                           title=f"IMDb sentiment, {scale_name} scale: reward vs KL",
+    figure = plot_frontier(experiment.results_path, os.path.join(out, "frontier.png"),
+                           title=f"IMDb sentiment, {experiment.scale_name} scale: reward vs KL",
                            ylabel=reward_axis_label(scale.reward))
-    if "dpo" in methods and scale.rpo_alpha:
+    if "dpo" in experiment.methods and scale.rpo_alpha:
         beta = scale.dpo_betas[0]
         import matplotlib.pyplot as plt
-        runs = {"DPO": os.path.join(out, f"dpo-beta{beta}"),
-                f"DPO + NLL (rpo_alpha = {scale.rpo_alpha})": os.path.join(out, f"dpo+nll-beta{beta}")}
-        plt.close(plot_dynamics(runs,
-                                title=f"DPO training dynamics, {scale_name} scale, β = {beta}",
+        folders = {"DPO": os.path.join(out, f"dpo-beta{beta}"),
+                   f"DPO + NLL (rpo_alpha = {scale.rpo_alpha})": os.path.join(out, f"dpo+nll-beta{beta}")}
+        plt.close(plot_dynamics(folders, title=f"DPO training dynamics, {experiment.scale_name} scale, β = {beta}",
                                 figure_path=os.path.join(out, "dynamics.png")))
-    print(f"[{time.time() - started:5.0f}s] results: {results_path}\nfigure: {figure}")
-    return results_path
+    experiment.log(f"results: {experiment.results_path}\nfigure: {figure}")
+    return experiment.results_path
 
 
 def best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward, ground_truth, seed):
@@ -523,7 +580,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.estimate:
         scale = dataclasses.replace(SCALES[args.scale], **parse_overrides(args.set, Scale))
-        return print_estimate(scale, args.methods, torch.device("cuda" if scale.dtype == "bf16" else "cpu"))
+        return print_estimate(scale, args.methods, torch.device("cuda" if scale.dtype != "fp32" else "cpu"))
     run(args.scale, args.out, args.seed, args.methods, **parse_overrides(args.set, Scale))
 
 

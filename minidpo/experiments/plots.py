@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 COLORS = {"dpo": "C3", "dpo+nll": "C1", "preferred_ft": "C2", "unlikelihood": "C4", "ppo": "C0", "ppo_gt": "C9",
@@ -13,9 +12,9 @@ LABELS = {"dpo": "DPO", "dpo+nll": "DPO + NLL (rpo_alpha)", "preferred_ft": "Pre
 
 
 def read_jsonl(path):
-    """The rows of a JSON-lines results or metrics file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a JSON-lines results or metrics file (minidpo.data.read_jsonl, without record names)."""
+    from ..data import read_jsonl as read_rows
+    return read_rows(path, with_source=False)
 
 
 def _pyplot():

@@ -1,6 +1,6 @@
 """python -m minidpo.experiments.tldr --scale smoke|laptop|paper: TL;DR summarization win rates (paper Fig. 2 right)."""
 
-from .winrate import main
+from .tldr_hh import main
 
 if __name__ == "__main__":
     main("tldr")

@@ -11,7 +11,7 @@
    Preferred-FT on the chosen responses of every training record;
 3. Best-of-N: N samples of the reference per prompt, the one a Bradley-Terry reward model (Eq. 2)
    fitted on the training pairs over the reference's features scores highest (the paper's Best-of-128);
-4. DPO from the reference with the core train() (--beta; the paper's TL;DR 0.5, HH 0.1), its win rate along
+4. DPO from the reference with minidpo.runs.train (--beta; the paper's TL;DR 0.5, HH 0.1), its win rate along
    training at every temperature (Fig. 3 right);
 5. sampling at temperatures 0 (greedy) to 1 on held-out prompts: a seeded sample of the test split (HH:
    of its single-turn dialogues, as Fig. 3), or carved out of an offline set that has no test split;
@@ -42,7 +42,7 @@ import torch
 
 from .. import memory, runs
 from ..bundled import bundled_path
-from ..dpo import frozen_copy
+from ..dpo import frozen_copy, uses_bf16
 from ..judges import (
     ApiJudge,
     FeatureRewardModel,
@@ -255,16 +255,12 @@ def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, se
 
 # ---- memory --------------------------------------------------------------------------------------
 
-def uses_bf16(scale, device_type):
-    return scale.dtype == "bf16" or (scale.dtype == "auto" and device_type == "cuda")
-
-
 def memory_estimate(scale, judge="proxy", config=None, device_type="cuda"):
     """Bytes at the peak of each stage of run(), estimated from the model's config (minidpo.memory).
     config: a transformers config (default: the scale's model's, from the hub or a table offline)."""
     config = config if config is not None else memory.model_config(scale.model)
     shape = memory.shape_of(config, scale.train_layers)
-    bf16 = uses_bf16(scale, device_type)
+    bf16 = uses_bf16(scale.dtype, device_type)
     micro = scale.batch_size // scale.grad_accum
     judge_copy = {"judge copy": shape.params * (memory.BF16 if bf16 else memory.FP32)} if judge == "proxy" else {}
     prompt = scale.max_prompt_length + len(TWO_SHOT) // 3  # the 2-shot examples: ~3 characters a token
@@ -299,6 +295,57 @@ def check_judge(judge_fn, records, say):
     return table
 
 
+@dataclass
+class WinRateRun:
+    """What every step of one TL;DR or HH run shares: the test prompts and their references, the judge, and where
+    each policy's win rates (results.jsonl) and judged samples (samples.jsonl) are written."""
+    task: str
+    scale: Scale
+    out: str
+    seed: int
+    tokenizer: object
+    prompts: list  # the test prompts
+    references: list  # what every response is judged against: the human summary (TL;DR), the chosen response (HH)
+    judge_fn: object
+    autocast: object  # () -> the context sampling runs in
+    summary: dict = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def results_path(self):
+        return os.path.join(self.out, "results.jsonl")
+
+    @property
+    def samples_path(self):
+        return os.path.join(self.out, "samples.jsonl")
+
+    def say(self, message):
+        print(f"[{time.time() - self.started:5.0f}s] {message}", flush=True)
+
+    def sample(self, policy, t, model_prompts=None):
+        with self.autocast():
+            samples = generate(policy, self.tokenizer, model_prompts or self.prompts, self.scale.new_tokens,
+                               temperature=t, batch_size=self.scale.sample_batch, seed=self.seed + 17)
+        return [s["completion"] for s in samples]
+
+    def record(self, method, step, t, responses, **extra):
+        """Judge the responses against the references; append the win rate and every verdict."""
+        verdicts = self.judge_fn(self.prompts, responses, self.references)
+        row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts)}
+        with open(self.results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.samples_path, "a") as f:
+            for p, r, b, v in zip(self.prompts, responses, self.references, verdicts):
+                f.write(json.dumps({"method": method, "temperature": t, "step": step, "prompt": p, "response": r,
+                                    "baseline": b, "verdict": v}) + "\n")
+        self.say(f"{method:12s} T={t:.2f} step {step:4d}: win rate {row['win_rate']:.3f} "
+                 f"[{row['low']:.3f}, {row['high']:.3f}] n={row['n']} invalid={row['invalid']}")
+
+    def measure(self, policy, method, step, temperatures):
+        for t in temperatures:
+            self.record(method, step, t, self.sample(policy, t))
+
+
 def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, judge_prompt="standard", beta=None,
         **overrides):
     """The whole pipeline for task "tldr" or "hh"; beta is DPO's (None: the paper's, BETAS); overrides
@@ -308,119 +355,120 @@ def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, 
     os.makedirs(out, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.time()
-    say = lambda msg: print(f"[{time.time() - started:5.0f}s] {msg}", flush=True)  # noqa: E731
     torch.manual_seed(seed)
     beta = BETAS[task] if beta is None else beta
-    bf16 = uses_bf16(scale, device.type)
-    autocast = autocast_for(scale.dtype, device)
-
     base, tokenizer = load_base(scale, device)
     base.eval()
+    data, experiment = prepare(task, scale, scale_name, out, seed, judge, judge_prompt, beta, base, tokenizer, device,
+                               started)
+    if task == "hh":  # 1. The base model's baseline: TL;DR zero-shot; HH the paper's 2-shot prompting.
+        for t in scale.temperatures:
+            experiment.record("two_shot", 0, t, [end_of_turn(r) for r in experiment.sample(
+                base, t, [two_shot_prompt(p) for p in experiment.prompts])])
+    else:
+        experiment.measure(base, "base", 0, (0.0,))
+    policy = train_reference(experiment, base, data)
+    if scale.best_of_n:
+        measure_best_of_n(experiment, policy, data)
+    train_dpo_along(experiment, policy, data, beta)
+    return finish(experiment, scale_name)
+
+
+def prepare(task, scale, scale_name, out, seed, judge, judge_prompt, beta, base, tokenizer, device, started):
+    """The memory estimate, the data, the judge (and its agreement check); empty results and samples files.
+    Returns (data, the WinRateRun)."""
     estimate = memory_estimate(scale, judge, base.config, device.type)
     budget = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    say = lambda msg: print(f"[{time.time() - started:5.0f}s] {msg}", flush=True)  # noqa: E731
     say(f"memory estimate per stage:\n{memory.format_estimate(estimate, budget)}")
     data = load_data(scale, seed)
     say(f"{len(data.train)} training pairs, {len(data.sft)} SFT records, {len(data.judge)} judge pairs, "
         f"{len(data.test)} test prompts")
+    bf16 = uses_bf16(scale.dtype, device.type)
     judge_fn = make_judge(judge, task, base, tokenizer, data.judge, out, judge_prompt, bf16, device)
-    reference_method = "sft" if scale.sft_dataset else "preferred_ft"
     summary = {"task": task, "scale": scale_name, "beta": beta, "seed": seed, "config": dataclasses.asdict(scale),
-               "judge": judge, "judge_prompt": judge_prompt, "reference_method": reference_method,
+               "judge": judge, "judge_prompt": judge_prompt,
+               "reference_method": "sft" if scale.sft_dataset else "preferred_ft",
                "memory_estimate_gb": {stage: memory.total(parts) / memory.GB for stage, parts in estimate.items()}}
     if isinstance(judge_fn, ProxyJudge):
         summary["judge_heldout_accuracy"] = judge_fn.accuracy
         say(f"offline judge: held-out pair accuracy {judge_fn.accuracy:.3f}")
     if data.agreement:
         summary["judge_agreement"] = check_judge(judge_fn, data.agreement, say)
-
-    prompts = [r["prompt"] for r in data.test]
-    references = [r["reference"] for r in data.test]
-    results_path, samples_path = os.path.join(out, "results.jsonl"), os.path.join(out, "samples.jsonl")
-    for path in (results_path, samples_path):
+    experiment = WinRateRun(task, scale, out, seed, tokenizer, [r["prompt"] for r in data.test],
+                            [r["reference"] for r in data.test], judge_fn, autocast_for(scale.dtype, device), summary,
+                            started)
+    for path in (experiment.results_path, experiment.samples_path):
         open(path, "w").close()
+    return data, experiment
 
-    def sample(policy, t, model_prompts=None):
-        with autocast():
-            samples = generate(policy, tokenizer, model_prompts or prompts, scale.new_tokens, temperature=t,
-                               batch_size=scale.sample_batch, seed=seed + 17)
-        return [s["completion"] for s in samples]
 
-    def record(method, step, t, responses, **extra):
-        verdicts = judge_fn(prompts, responses, references)
-        row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts)}
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(samples_path, "a") as f:
-            for p, r, b, v in zip(prompts, responses, references, verdicts):
-                f.write(json.dumps({"method": method, "temperature": t, "step": step, "prompt": p, "response": r,
-                                    "baseline": b, "verdict": v}) + "\n")
-        say(f"{method:12s} T={t:.2f} step {step:4d}: win rate {row['win_rate']:.3f} "
-            f"[{row['low']:.3f}, {row['high']:.3f}] n={row['n']} invalid={row['invalid']}")
-
-    def measure(policy, method, step, temperatures):
-        for t in temperatures:
-            record(method, step, t, sample(policy, t))
-
-    # 1. The base model's baseline: TL;DR zero-shot; HH the paper's 2-shot prompting.
-    if task == "hh":
-        for t in scale.temperatures:
-            record("two_shot", 0, t, [end_of_turn(r) for r in sample(base, t, [two_shot_prompt(p) for p in prompts])])
-    else:
-        measure(base, "base", 0, (0.0,))
-
-    # 2. SFT / Preferred-FT, in place: the base model becomes the reference policy.
+def train_reference(experiment, base, data):
+    """2. SFT / Preferred-FT, in place: the base model becomes the reference policy (saved in <out>/sft, for DPO
+    elsewhere, e.g. torchrun -m minidpo --model <out>/sft), measured at every temperature."""
+    scale, out, tokenizer = experiment.scale, experiment.out, experiment.tokenizer
     policy = freeze_all_but_top(base, scale.train_layers)
     with checkpointing(policy, scale.gradient_checkpointing):
         sft_losses = sft_train(policy, tokenizer, data.sft, steps=scale.sft_steps, batch_size=scale.batch_size,
-                               lr=scale.lr, max_length=scale.max_length, seed=seed,
+                               lr=scale.lr, max_length=scale.max_length, seed=experiment.seed,
                                max_prompt_length=scale.max_prompt_length, grad_accum=scale.grad_accum,
                                dtype=scale.dtype)
-    say(f"SFT: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
-    policy.save_pretrained(os.path.join(out, "sft"))  # for DPO elsewhere, e.g. torchrun -m minidpo --model <out>/sft
+    experiment.say(f"SFT: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
+    policy.save_pretrained(os.path.join(out, "sft"))
     tokenizer.save_pretrained(os.path.join(out, "sft"))
-    summary["sft_loss"] = [sft_losses[0], sft_losses[-1]]
+    experiment.summary["sft_loss"] = [sft_losses[0], sft_losses[-1]]
     policy.eval()
-    measure(policy, reference_method, 0, scale.temperatures)
+    experiment.measure(policy, experiment.summary["reference_method"], 0, scale.temperatures)
+    return policy
 
-    # 3. Best-of-N over the reference, ranked by a reward model fitted on the training pairs.
-    if scale.best_of_n:
-        with autocast():
-            reward = FeatureRewardModel(policy, tokenizer, data.train[:scale.reward_pairs or None])
-        summary["reward_model_heldout_accuracy"] = reward.accuracy
-        say(f"Best-of-{scale.best_of_n} reward model: held-out pair accuracy {reward.accuracy:.3f}")
-        for t in [t for t in scale.temperatures if t > 0]:  # greedy decoding gives N identical samples
-            with autocast():
-                best, _, _ = best_of_n(policy, tokenizer, prompts, scale.best_of_n, scale.new_tokens, t, reward.score,
-                                       seed + 17, scale.sample_batch)
-            record("best_of_n", 0, t, best, best_of=scale.best_of_n)
-        del reward
 
-    # 4. DPO from the reference, in place; win rates along training at every temperature (Fig. 3 right).
-    config = runs.RunConfig(out=os.path.join(out, "dpo"), beta=beta, batch_size=scale.batch_size,
+def measure_best_of_n(experiment, policy, data):
+    """3. Best-of-N over the reference, ranked by a reward model fitted on the training pairs."""
+    scale = experiment.scale
+    with experiment.autocast():
+        reward = FeatureRewardModel(policy, experiment.tokenizer, data.train[:scale.reward_pairs or None])
+    experiment.summary["reward_model_heldout_accuracy"] = reward.accuracy
+    experiment.say(f"Best-of-{scale.best_of_n} reward model: held-out pair accuracy {reward.accuracy:.3f}")
+    for t in [t for t in scale.temperatures if t > 0]:  # greedy decoding gives N identical samples
+        with experiment.autocast():
+            best, _, _ = best_of_n(policy, experiment.tokenizer, experiment.prompts, scale.best_of_n,
+                                   scale.new_tokens, t, reward.score, experiment.seed + 17, scale.sample_batch)
+        experiment.record("best_of_n", 0, t, best, best_of=scale.best_of_n)
+
+
+def train_dpo_along(experiment, policy, data, beta):
+    """4. DPO from the reference, in place; win rates along training at every temperature (Fig. 3 right)."""
+    scale = experiment.scale
+    config = runs.RunConfig(out=os.path.join(experiment.out, "dpo"), beta=beta, batch_size=scale.batch_size,
                             grad_accum=scale.grad_accum, optimizer=scale.optimizer, lr=scale.lr,
                             warmup_steps=scale.warmup_steps, max_steps=scale.dpo_steps, eval_every=0,
                             save_every=scale.dpo_steps, max_length=scale.max_length,
                             max_prompt_length=scale.max_prompt_length, dtype=scale.dtype, precompute_ref=True,
-                            overwrite=True, progress=False, seed=seed)
+                            overwrite=True, progress=False, seed=experiment.seed)
+
     def along(step, trained):
         if step and scale.eval_every and step % scale.eval_every == 0 and step < scale.dpo_steps:
-            measure(trained, "dpo", step, scale.temperatures)
+            experiment.measure(trained, "dpo", step, scale.temperatures)
 
     os.makedirs(config.out, exist_ok=True)
     with checkpointing(policy, scale.gradient_checkpointing):
-        runs.train(config, data.train, [], model=policy, tokenizer=tokenizer, callback=along)
-    measure(policy, "dpo", scale.dpo_steps, scale.temperatures)
+        runs.train(config, data.train, [], model=policy, tokenizer=experiment.tokenizer, callback=along)
+    experiment.measure(policy, "dpo", scale.dpo_steps, scale.temperatures)
 
-    summary["seconds"] = time.time() - started
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+
+def finish(experiment, scale_name):
+    """summary.json and the win-rate figure; returns results.jsonl's path."""
+    experiment.summary["seconds"] = time.time() - experiment.started
+    with open(os.path.join(experiment.out, "summary.json"), "w") as f:
+        json.dump(experiment.summary, f, indent=1)
     from .plots import plot_win_rates
-    figure = plot_win_rates(results_path, os.path.join(out, "win_rates.png"),
-                            title=f"{'TL;DR summarization' if task == 'tldr' else 'Anthropic HH dialogue'}, "
+    tldr = experiment.task == "tldr"
+    figure = plot_win_rates(experiment.results_path, os.path.join(experiment.out, "win_rates.png"),
+                            title=f"{'TL;DR summarization' if tldr else 'Anthropic HH dialogue'}, "
                                   f"{scale_name} scale: win rate vs the test set's reference",
-                            baseline="the human-written summary" if task == "tldr" else "the chosen response")
-    say(f"results: {results_path}\nfigure: {figure}")
-    return results_path
+                            baseline="the human-written summary" if tldr else "the chosen response")
+    experiment.say(f"results: {experiment.results_path}\nfigure: {figure}")
+    return experiment.results_path
 
 
 def parse_scale_overrides(items):

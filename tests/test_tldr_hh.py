@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minidpo.data import split_hh
-from minidpo.experiments import winrate
+from minidpo.experiments import tldr_hh
 from minidpo.models import byte_tokenizer, tiny_neox
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -35,9 +35,9 @@ def count_model_copies(monkeypatch):
 @pytest.mark.parametrize("task", ["tldr", "hh"])
 def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, monkeypatch, capsys):
     copies = count_model_copies(monkeypatch)
-    results = winrate.run(task, "smoke", out=str(tmp_path))
+    results = tldr_hh.run(task, "smoke", out=str(tmp_path))
     rows = [json.loads(line) for line in open(results)]
-    scale = winrate.scales(task)["smoke"]
+    scale = tldr_hh.scales(task)["smoke"]
     temperatures = set(scale.temperatures)
     base = "two_shot" if task == "hh" else "base"
     assert {r["temperature"] for r in rows if r["method"] == base} == (temperatures if task == "hh" else {0.0})
@@ -65,26 +65,26 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     assert out.index("memory estimate per stage") < out.index("SFT: loss")
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
     if task == "hh":
-        assert all(winrate.is_single_turn(s["prompt"]) for s in samples)
+        assert all(tldr_hh.is_single_turn(s["prompt"]) for s in samples)
         assert all("\n\nHuman" not in s["response"] for s in samples if s["method"] == "two_shot")
 
 
 def test_hh_test_prompts_are_single_turn_and_never_trained_on():
-    scale = winrate.scales("hh")["smoke"]
-    data = winrate.load_data(scale, seed=0)
+    scale = tldr_hh.scales("hh")["smoke"]
+    data = tldr_hh.load_data(scale, seed=0)
     assert len(data.test) == scale.test_prompts
-    assert all(winrate.is_single_turn(r["prompt"]) for r in data.test)
+    assert all(tldr_hh.is_single_turn(r["prompt"]) for r in data.test)
     test_prompts = {r["prompt"] for r in data.test}
     assert not test_prompts & {r["prompt"] for r in data.train + data.judge + data.sft}
     # Preferred-FT: the chosen responses of every training record
     assert data.sft == [{"prompt": r["prompt"], "response": r["chosen"]} for r in data.train]
     multi_turn = dataclasses.replace(scale, single_turn=False)
-    assert any(not winrate.is_single_turn(r["prompt"]) for r in winrate.load_data(multi_turn, seed=0).train)
+    assert any(not tldr_hh.is_single_turn(r["prompt"]) for r in tldr_hh.load_data(multi_turn, seed=0).train)
 
 
 def hh_folder(tmp_path):
     """A stand-in for Anthropic/hh-rlhf with a test split sorted by its text, as hub splits often are."""
-    lines = open(os.path.join(os.path.dirname(winrate.__file__), "..", "bundled", "hh.jsonl")).read().splitlines()
+    lines = open(os.path.join(os.path.dirname(tldr_hh.__file__), "..", "bundled", "hh.jsonl")).read().splitlines()
     folder = tmp_path / "hh"
     folder.mkdir()
     (folder / "train.jsonl").write_text("\n".join(lines[:160]) + "\n")
@@ -94,14 +94,14 @@ def hh_folder(tmp_path):
 
 def test_test_prompts_are_a_seeded_sample_of_the_test_split(tmp_path):
     folder, test_rows = hh_folder(tmp_path)
-    scale = dataclasses.replace(winrate.scales("hh")["smoke"], dataset=folder, test_split="test", test_prompts=8)
+    scale = dataclasses.replace(tldr_hh.scales("hh")["smoke"], dataset=folder, test_split="test", test_prompts=8)
     eligible = [split_hh(r["chosen"], r["rejected"]) for r in test_rows]
-    eligible = [(prompt, chosen) for prompt, chosen, _ in eligible if winrate.is_single_turn(prompt)]
-    sample = [(r["prompt"], r["reference"]) for r in winrate.load_data(scale, seed=0).test]
+    eligible = [(prompt, chosen) for prompt, chosen, _ in eligible if tldr_hh.is_single_turn(prompt)]
+    sample = [(r["prompt"], r["reference"]) for r in tldr_hh.load_data(scale, seed=0).test]
     assert len(sample) == 8 and set(sample) <= set(eligible)  # judged against the test split's chosen response
     assert sample != eligible[:8]  # not the first rows
-    assert sample == [(r["prompt"], r["reference"]) for r in winrate.load_data(scale, seed=0).test]
-    assert sample != [(r["prompt"], r["reference"]) for r in winrate.load_data(scale, seed=1).test]
+    assert sample == [(r["prompt"], r["reference"]) for r in tldr_hh.load_data(scale, seed=0).test]
+    assert sample != [(r["prompt"], r["reference"]) for r in tldr_hh.load_data(scale, seed=1).test]
 
 
 def tldr_sft_folder(tmp_path):
@@ -116,12 +116,12 @@ def tldr_sft_folder(tmp_path):
 def test_tldr_fine_tunes_on_human_summaries_and_is_judged_against_the_test_references(tmp_path):
     folder, train_rows, test_rows = tldr_sft_folder(tmp_path)
     overrides = dict(sft_dataset=folder, sft_test_split="test", test_prompts=2)
-    data = winrate.load_data(dataclasses.replace(winrate.scales("tldr")["smoke"], **overrides), seed=0)
+    data = tldr_hh.load_data(dataclasses.replace(tldr_hh.scales("tldr")["smoke"], **overrides), seed=0)
     assert data.sft == [{"prompt": r["prompt"], "response": " " + r["label"]} for r in train_rows]
     assert sorted((r["prompt"], r["reference"]) for r in data.test) == sorted(
         (r["prompt"], " " + r["label"]) for r in test_rows)
     assert len(data.train) == 96  # the preference pairs stay the comparisons
-    results = winrate.run("tldr", "smoke", out=str(tmp_path / "run"), sft_steps=2, dpo_steps=2, eval_every=0,
+    results = tldr_hh.run("tldr", "smoke", out=str(tmp_path / "run"), sft_steps=2, dpo_steps=2, eval_every=0,
                           best_of_n=0, **overrides)
     methods = {json.loads(line)["method"] for line in open(results)}
     assert methods == {"base", "sft", "dpo"}  # the reference policy is SFT, not Preferred-FT
@@ -131,7 +131,7 @@ def test_tldr_fine_tunes_on_human_summaries_and_is_judged_against_the_test_refer
 
 def test_two_shot_prompt_template():
     prompt = "\n\nHuman: How do I fix a flat bike tyre?\n\nAssistant:"
-    text = winrate.two_shot_prompt(prompt)
+    text = tldr_hh.two_shot_prompt(prompt)
     assert text.startswith("\n\nHuman: ") and text.endswith(prompt)
     assert text.count("\n\nHuman:") == 3 and text.count("\n\nAssistant:") == 3
     examples = text[:-len(prompt)]
@@ -139,9 +139,9 @@ def test_two_shot_prompt_template():
     for exchange in (first, second):  # two complete single-turn dialogues in the dataset's own format
         question, answer = exchange.split("\n\nAssistant:")
         assert question.strip().endswith("?") and len(answer.strip()) > 40
-    assert winrate.end_of_turn(" Patch it.\n\nHuman: thanks\n\nAssistant: ok") == " Patch it."
-    assert winrate.end_of_turn(" Patch it.\n\nAssistant: also") == " Patch it."
-    assert winrate.end_of_turn(" Patch the tube.  \n") == " Patch the tube."
+    assert tldr_hh.end_of_turn(" Patch it.\n\nHuman: thanks\n\nAssistant: ok") == " Patch it."
+    assert tldr_hh.end_of_turn(" Patch it.\n\nAssistant: also") == " Patch it."
+    assert tldr_hh.end_of_turn(" Patch the tube.  \n") == " Patch the tube."
 
 
 def test_best_of_n_returns_the_candidate_the_reward_ranks_highest():
@@ -149,21 +149,21 @@ def test_best_of_n_returns_the_candidate_the_reward_ranks_highest():
     model = tiny_neox(vocab_size=len(tokenizer), seed=0).eval()
     prompts = ["Q: one", "Q: two", "Q: three"]
     reward = lambda ps, rs: [sum(r.count(c) for c in "aeiou") - 0.01 * len(r) for r in rs]  # noqa: E731
-    best, candidates, scores = winrate.best_of_n(model, tokenizer, prompts, 5, 12, 1.0, reward, seed=3)
+    best, candidates, scores = tldr_hh.best_of_n(model, tokenizer, prompts, 5, 12, 1.0, reward, seed=3)
     assert [len(c) for c in candidates] == [5, 5, 5]
     assert all(len(set(c)) > 1 for c in candidates)  # n samples, not one sample n times
     for chosen, group, group_scores in zip(best, candidates, scores):
         assert group_scores == reward(None, group) and chosen == group[group_scores.index(max(group_scores))]
-    only, _, _ = winrate.best_of_n(model, tokenizer, prompts, 1, 12, 1.0, reward, seed=3)
-    assert only == [s["completion"] for s in winrate.generate(model, tokenizer, prompts, 12, 1.0, seed=3)]
+    only, _, _ = tldr_hh.best_of_n(model, tokenizer, prompts, 1, 12, 1.0, reward, seed=3)
+    assert only == [s["completion"] for s in tldr_hh.generate(model, tokenizer, prompts, 12, 1.0, seed=3)]
 
 
 def test_best_of_n_picks_an_empty_response_only_when_every_candidate_is_empty(monkeypatch):
     texts = iter(["", " short", " a longer answer", "  ", "", ""])
-    monkeypatch.setattr(winrate, "generate", lambda model, tok, prompts, *args, **kwargs: [
+    monkeypatch.setattr(tldr_hh, "generate", lambda model, tok, prompts, *args, **kwargs: [
         {"completion": next(texts)} for _ in prompts])
     prefers_empty = lambda ps, rs: [10.0 if not r.strip() else len(r) for r in rs]  # noqa: E731
-    best, _, _ = winrate.best_of_n(None, None, ["Q: one", "Q: two"], 3, 12, 1.0, prefers_empty)
+    best, _, _ = tldr_hh.best_of_n(None, None, ["Q: one", "Q: two"], 3, 12, 1.0, prefers_empty)
     assert best[0] == " a longer answer" and not best[1].strip()  # the second prompt had only empty ones
 
 
@@ -172,40 +172,40 @@ def test_the_judge_copies_the_base_model_only_when_it_needs_it(monkeypatch, tmp_
     base = tiny_neox(vocab_size=len(tokenizer), seed=0)
     copies = count_model_copies(monkeypatch)
     records = [{"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": f" no!! {i}"} for i in range(8)]
-    proxy = winrate.make_judge("proxy", "tldr", base, tokenizer, records, str(tmp_path))
+    proxy = tldr_hh.make_judge("proxy", "tldr", base, tokenizer, records, str(tmp_path))
     assert len(copies) == 1 and proxy.model is not base and not any(p.requires_grad for p in proxy.model.parameters())
-    api = winrate.make_judge("api", "hh", base, tokenizer, [], str(tmp_path))
-    concise = winrate.make_judge("api", "tldr", base, tokenizer, [], str(tmp_path), prompt="concise")
+    api = tldr_hh.make_judge("api", "hh", base, tokenizer, [], str(tmp_path))
+    concise = tldr_hh.make_judge("api", "tldr", base, tokenizer, [], str(tmp_path), prompt="concise")
     assert len(copies) == 1 and api.field == "More helpful" and "precise and concise" in concise.template
     with pytest.raises(ValueError, match="concise"):
-        winrate.make_judge("api", "hh", base, tokenizer, [], str(tmp_path), prompt="concise")
+        tldr_hh.make_judge("api", "hh", base, tokenizer, [], str(tmp_path), prompt="concise")
     with pytest.raises(ValueError, match="judge_pairs"):  # paper scale once gave it none and crashed in torch.cat
-        winrate.make_judge("proxy", "tldr", base, tokenizer, [], str(tmp_path))
+        tldr_hh.make_judge("proxy", "tldr", base, tokenizer, [], str(tmp_path))
 
 
 def test_scale_overrides_parse_booleans():
-    assert winrate.parse_scale_overrides(["gradient_checkpointing=false", "best_of_n=2", "dtype=bf16"]) == {
+    assert tldr_hh.parse_scale_overrides(["gradient_checkpointing=false", "best_of_n=2", "dtype=bf16"]) == {
         "gradient_checkpointing": False, "best_of_n": 2, "dtype": "bf16"}
-    assert winrate.parse_scale_overrides(["single_turn=true"]) == {"single_turn": True}
+    assert tldr_hh.parse_scale_overrides(["single_turn=true"]) == {"single_turn": True}
     with pytest.raises(SystemExit):
-        winrate.parse_scale_overrides(["single_turn=yes"])
+        tldr_hh.parse_scale_overrides(["single_turn=yes"])
 
 
 def test_beta_is_the_papers_unless_given(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(winrate.runs, "train", lambda config, *args, **kwargs: seen.append(config.beta))
-    winrate.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "a"), "--set", "dpo_steps=2", "test_prompts=2",
+    monkeypatch.setattr(tldr_hh.runs, "train", lambda config, *args, **kwargs: seen.append(config.beta))
+    tldr_hh.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "a"), "--set", "dpo_steps=2", "test_prompts=2",
                         "best_of_n=0", "agreement_pairs=2"])
-    winrate.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "b"), "--beta", "0.3", "--set", "dpo_steps=2",
+    tldr_hh.main("hh", ["--scale", "smoke", "--out", str(tmp_path / "b"), "--beta", "0.3", "--set", "dpo_steps=2",
                         "test_prompts=2", "best_of_n=0", "agreement_pairs=2"])
-    assert seen == [winrate.BETAS["hh"], 0.3]
+    assert seen == [tldr_hh.BETAS["hh"], 0.3]
     assert json.load(open(tmp_path / "b" / "summary.json"))["beta"] == 0.3
 
 
 def test_agreement_pairs_are_held_out_from_every_policy_and_the_judge():
-    scale = winrate.scales("tldr")["smoke"]
-    data = winrate.load_data(scale, seed=0)
+    scale = tldr_hh.scales("tldr")["smoke"]
+    data = tldr_hh.load_data(scale, seed=0)
     assert len(data.agreement) == scale.agreement_pairs
     trained = {r["prompt"] for r in data.train + data.judge} | {r["prompt"] for r in data.sft}
     assert not trained & {r["prompt"] for r in data.agreement}
-    assert data.agreement == winrate.load_data(scale, seed=0).agreement  # seeded
+    assert data.agreement == tldr_hh.load_data(scale, seed=0).agreement  # seeded
