@@ -32,7 +32,8 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
     """minidpo.runs.train (dpo.train with checkpoints, exact resume and signals), then the plot <out>/training.png
     on the master rank: the one place a run's plot is drawn (dpo.py alone draws nothing)."""
     rows = runs.train(config, train_records, eval_records, model=model, tokenizer=tokenizer, callback=callback)
-    if int(os.environ.get("RANK", "0")) == 0 and os.path.exists(os.path.join(config.out, "metrics.jsonl")):
+    rank, _, _ = dpo.setup_distributed()  # the one rank lookup (torchrun's environment)
+    if rank == 0 and os.path.exists(os.path.join(config.out, "metrics.jsonl")):
         from .plots import plot_training
         plot_training(config.out)
     return rows

@@ -25,6 +25,7 @@ from .dpo import (
     bf16_autocast,
     ensure_pad_token,
     pad_sequences,
+    setup_distributed,
     shard,
     uses_bf16,
 )
@@ -88,12 +89,6 @@ def checkpointing(model, enabled=True):
             model.disable_input_require_grads()
 
 
-def _rank_and_world_size():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def fit(policy, num_examples, step_loss, steps, batch_size=8, lr=1e-5, seed=0, callback=None, max_grad_norm=1.0,
         grad_accum=1, autocast=contextlib.nullcontext, ddp_policy=None):
     """The small loop every supervised baseline shares: seeded batches drawn without replacement,
@@ -102,7 +97,7 @@ def fit(policy, num_examples, step_loss, steps, batch_size=8, lr=1e-5, seed=0, c
     gradients add up (the memory of one micro-batch), and under torchrun each micro-batch across the
     ranks: step_loss must then run the DDP-wrapped `ddp_policy`. callback(step, policy) runs on the
     first rank before the first step and after each. Returns the per-step losses (of the whole batch)."""
-    rank, world_size = _rank_and_world_size()
+    rank, world_size, _ = setup_distributed()  # torchrun's environment (main starts the process group)
     if batch_size % (grad_accum * world_size):
         raise ValueError(f"batch_size ({batch_size}) must be divisible by grad_accum ({grad_accum}) x world size "
                          f"({world_size})")
@@ -144,7 +139,7 @@ def sft_train(policy, tokenizer, records, steps, batch_size=8, lr=1e-5, max_leng
     device = next(policy.parameters()).device
     examples = [tokenize_sft(tokenizer, r["prompt"], r["response"], max_length, max_prompt_length) for r in records]
     pad = ensure_pad_token(tokenizer).pad_token_id
-    _, world_size = _rank_and_world_size()
+    _, world_size, _ = setup_distributed()
     ddp_policy = None
     if world_size > 1:
         ddp_policy = torch.nn.parallel.DistributedDataParallel(
@@ -177,7 +172,6 @@ def load_sft_records(source, split="train", format="auto"):
 
 
 def main(argv=None):
-    from .dpo import setup_distributed
     from .models import load_model_and_tokenizer
     parser = argparse.ArgumentParser(prog="python -m minidpo.sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
