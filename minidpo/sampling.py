@@ -51,7 +51,8 @@ def sequence_kl(policy, reference, samples, pad_id, batch_size=16):
     """KL(pi || pi_ref) of each sample, as in the paper: the sum over the completion's tokens of the
     exact KL between the two next-token distributions, along the policy's own samples. Its mean over
     samples from pi is an unbiased estimate of the sequence-level KL. Both models are read in eval mode
-    (dropout off): with dropout on, KL(pi || pi) would not be 0. Returns (N,)."""
+    (dropout off): with dropout on, KL(pi || pi) would not be 0. Always computed in fp32, even inside a caller's bf16
+    autocast: bf16 logits of a real model are too coarse for a KL of a few hundredths of a nat. Returns (N,)."""
     device = next(policy.parameters()).device
     modes = policy.training, reference.training
     policy.eval()
@@ -60,8 +61,9 @@ def sequence_kl(policy, reference, samples, pad_id, batch_size=16):
     for start in range(0, len(samples), batch_size):
         ids, mask, labels = (t.to(device) for t in completion_batch(samples[start:start + batch_size], pad_id))
         pos = position_ids_from_mask(mask)
-        logp = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float().log_softmax(-1)
-        logq = reference(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float().log_softmax(-1)
+        with torch.autocast(device.type, enabled=False):  # fp32 forwards: see the docstring
+            logp, logq = (model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+                          .log_softmax(-1) for model in (policy, reference))  # (B, T-1, V) each
         per_token = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1) KL of each next-token distribution
         predicts_completion = labels[:, 1:] != IGNORE_INDEX
         out.append(torch.where(predicts_completion, per_token, torch.zeros_like(per_token)).sum(-1).cpu())

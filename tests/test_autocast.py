@@ -62,3 +62,21 @@ def test_the_reward_model_learns_inside_the_experiments_bf16_autocast():
     fp32, bf16 = reports
     assert fp32["test_accuracy"] == 1.0 and bf16["test_accuracy"] == pytest.approx(fp32["test_accuracy"])
     assert bf16["history"][-1]["val_loss"] < bf16["history"][0]["val_loss"] - 0.05
+
+
+def test_the_kl_is_computed_in_fp32_inside_a_bf16_autocast():
+    # Oracle: the same KL without autocast. Logits offset by -100 (as a real model's can be) have a bf16 resolution
+    # of 0.5, so a KL of a few hundredths of a nat computed in bf16 would be noise.
+    from minidpo.sampling import generate, sequence_kl
+    tokenizer = byte_tokenizer()
+    policy, reference = tiny_gpt2(seed=1), tiny_gpt2(seed=2)
+    for model in (policy, reference):
+        model.lm_head.register_forward_hook(lambda module, inputs, output: output - 100.0)
+    samples = generate(policy, tokenizer, ["The film was", "It was a"], max_new_tokens=6, seed=0)
+    fp32 = sequence_kl(policy, reference, samples, tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sequence_kl(policy, reference, samples, tokenizer.pad_token_id)
+        with torch.no_grad():  # and what the same forward gives in bf16: the error the fp32 path avoids
+            logits = policy(torch.tensor([samples[0]["prompt_ids"]])).logits
+    assert fp32.min() > 0.01 and logits.dtype == torch.bfloat16
+    torch.testing.assert_close(inside, fp32, rtol=0, atol=1e-3)
