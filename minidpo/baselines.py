@@ -57,13 +57,14 @@ def unlikelihood_loss(policy_chosen_logps, rejected_token_logps, rejected_mask=N
 # ---- training a language model with them ----------------------------------------------------------
 
 def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1e-5, alpha=1.0, max_length=512,
-                   max_prompt_length=256, seed=0, callback=None):
+                   max_prompt_length=256, seed=0, callback=None, optimizer="adamw", warmup_steps=0):
     """Train `policy` in place on preference records, dropout off (as DPO trains), with one of
         preferred_ft         -mean_t log pi(y_w,t | x, y_w,<t)                       (SFT on the chosen)
         unlikelihood         -log pi(y_w|x) + alpha log pi(y_l|x)                     (the paper's, summed)
         unlikelihood_token   -mean_t log pi(y_w,t | ...) - alpha mean_t log(1 - pi(y_l,t | ...))
     The token-level variant uses per-token means, so that alpha weighs its two terms independently of
-    length. callback(step, policy) runs before the first step and after each. Returns the per-step losses."""
+    length. callback(step, policy) runs before the first step and after each. optimizer (adamw | rmsprop) and
+    warmup_steps as sft.fit's. Returns the per-step losses."""
     from .dpo import collate, position_ids_from_mask, token_logps, tokenize_pair
     from .sft import fit, sft_train
 
@@ -73,7 +74,8 @@ def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1
     disable_dropout(policy)  # as in DPO: the policy at step 0 is the reference exactly
     if method == "preferred_ft":
         return sft_train(policy, tokenizer, [{"prompt": r["prompt"], "response": r["chosen"]} for r in records],
-                         steps, batch_size, lr, max_length, seed=seed, callback=callback)
+                         steps, batch_size, lr, max_length, seed=seed, callback=callback, optimizer=optimizer,
+                         warmup_steps=warmup_steps)
     device = next(policy.parameters()).device
     examples = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length, max_prompt_length)
                 for r in records]
@@ -92,7 +94,8 @@ def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1
         chosen_mean = chosen.sum(-1) / chosen_mask.sum(-1)  # (B,) per-token mean log pi(y_w)
         return unlikelihood_loss(chosen_mean, rejected, rejected_mask, alpha=alpha, average=True).mean()
 
-    return fit(policy, len(examples), step_loss, steps, batch_size, lr, seed, callback)
+    return fit(policy, len(examples), step_loss, steps, batch_size, lr, seed, callback, optimizer=optimizer,
+               warmup_steps=warmup_steps)
 
 
 def best_of_n_kl(n):

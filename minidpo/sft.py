@@ -90,9 +90,10 @@ def checkpointing(model, enabled=True):
 
 
 def fit(policy, num_examples, step_loss, steps, batch_size=8, lr=1e-5, seed=0, callback=None, max_grad_norm=1.0,
-        grad_accum=1, autocast=contextlib.nullcontext, ddp_policy=None):
+        grad_accum=1, autocast=contextlib.nullcontext, ddp_policy=None, optimizer="adamw", warmup_steps=0):
     """The small loop every supervised baseline shares: seeded batches drawn without replacement,
-    cycling over the data; AdamW on the parameters that require grad; clipping. step_loss(indices)
+    cycling over the data; AdamW (torch's defaults) or RMSprop (the paper's) on the parameters that require grad, a
+    linear warmup over warmup_steps as dpo.make_optimizer's; clipping. step_loss(indices)
     returns the mean loss of those examples. Each batch is split into grad_accum micro-batches whose
     gradients add up (the memory of one micro-batch), and under torchrun each micro-batch across the
     ranks: step_loss must then run the DDP-wrapped `ddp_policy`. callback(step, policy) runs on the
@@ -103,7 +104,10 @@ def fit(policy, num_examples, step_loss, steps, batch_size=8, lr=1e-5, seed=0, c
                          f"({world_size})")
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    if optimizer not in ("adamw", "rmsprop"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected adamw or rmsprop")
+    optimizer = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.RMSprop(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
     optimizer.zero_grad(set_to_none=True)
     generator = torch.Generator().manual_seed(seed)
     order, losses = [], []
@@ -124,6 +128,7 @@ def fit(policy, num_examples, step_loss, steps, batch_size=8, lr=1e-5, seed=0, c
             batch_loss += loss.detach().float() / grad_accum
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(all_reduce_sum(batch_loss, world_size).item() / world_size)
         if callback is not None and rank == 0:
@@ -132,7 +137,8 @@ def fit(policy, num_examples, step_loss, steps, batch_size=8, lr=1e-5, seed=0, c
 
 
 def sft_train(policy, tokenizer, records, steps, batch_size=8, lr=1e-5, max_length=512, average=True, seed=0,
-              callback=None, max_prompt_length=None, grad_accum=1, dtype="auto", gradient_checkpointing=False):
+              callback=None, max_prompt_length=None, grad_accum=1, dtype="auto", gradient_checkpointing=False,
+              optimizer="adamw", warmup_steps=0):
     """Fine-tune `policy` in place on {"prompt", "response"} records. Returns the per-step losses.
     batch_size sequences per optimizer step, in grad_accum micro-batches; dtype auto (bf16 autocast
     on a GPU, fp32 on a CPU) | fp32 | bf16; under torchrun, DDP over the ranks (the same global batch)."""
@@ -152,7 +158,8 @@ def sft_train(policy, tokenizer, records, steps, batch_size=8, lr=1e-5, max_leng
 
     with checkpointing(policy, gradient_checkpointing):
         return fit(policy, len(examples), step_loss, steps, batch_size, lr, seed, callback,
-                   grad_accum=grad_accum, autocast=autocast_for(dtype, device), ddp_policy=ddp_policy)
+                   grad_accum=grad_accum, autocast=autocast_for(dtype, device), ddp_policy=ddp_policy,
+                   optimizer=optimizer, warmup_steps=warmup_steps)
 
 
 # ---- the command line (torchrun-ready) -----------------------------------------------------------

@@ -360,3 +360,21 @@ def test_gpu_preset_code_path_runs_on_cpu_with_tiny_stand_ins(tmp_path):
     assert summary["dtype"] == "fp32" and summary["config"]["dtype"] == "auto"
     assert len(summary["ppo_history"]) == 2 * 2 + 2  # PPO-GT: 2 targets x 2 seeds; PPO: 2 targets
     assert (tmp_path / "frontier.png").stat().st_size > 10_000 and (tmp_path / "dynamics.png").exists()
+
+
+def test_the_paper_preset_trains_as_the_paper_did(tmp_path, monkeypatch):
+    # The paper (App. B) and the authors' code: RMSprop, lr 1e-6, 150 warmup steps, batch 64, for DPO and the
+    # baselines alike; the reward model 3 epochs, its best validation checkpoint kept (train_reward_model's rule).
+    paper = imdb.SCALES["paper"]
+    assert (paper.optimizer, paper.lr, paper.warmup_steps, paper.batch_size) == ("rmsprop", 1e-6, 150, 64)
+    assert paper.reward_model["epochs"] == 3
+    # ...and the experiment hands those settings to every method it trains (the smoke preset, made paper-like):
+    seen = []
+    monkeypatch.setattr(imdb, "dpo_train", lambda config, *args, **kwargs: seen.append(
+        ("dpo", config.optimizer, config.lr, config.warmup_steps, config.batch_size)))
+    monkeypatch.setattr(imdb, "train_baseline", lambda method, *args, **kwargs: seen.append(
+        (method, kwargs["optimizer"], kwargs["lr"], kwargs["warmup_steps"], kwargs["batch_size"])))
+    imdb.run("smoke", out=str(tmp_path), methods=["dpo", "preferred_ft", "unlikelihood"], optimizer="rmsprop",
+             lr=1e-6, warmup_steps=150, batch_size=8, rpo_alpha=0.0)
+    assert {s[0] for s in seen} == {"dpo", "preferred_ft", "unlikelihood"}
+    assert all(s[1:] == ("rmsprop", 1e-6, 150, 8) for s in seen), seen

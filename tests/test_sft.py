@@ -86,6 +86,23 @@ def test_gradient_accumulation_equals_the_whole_batch(tokenizer):
         trained(tokenizer, grad_accum=3)
 
 
+def test_the_papers_rmsprop_and_warmup_when_asked(tokenizer, monkeypatch):
+    # Oracle: the warmup rule of dpo.make_optimizer (lr (s + 1) / (warmup + 1) at step s), on RMSprop.
+    seen = []
+
+    class Recording(torch.optim.RMSprop):
+        def step(self, *args, **kwargs):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "RMSprop", Recording)
+    sft_train(tiny_neox(seed=0), tokenizer, toy_sft(), steps=5, batch_size=4, lr=1e-3, optimizer="rmsprop",
+              warmup_steps=3)
+    assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="optimizer"):
+        sft_train(tiny_neox(seed=0), tokenizer, toy_sft(), steps=1, batch_size=4, optimizer="sgd")
+
+
 def test_gradient_checkpointing_changes_memory_not_results(tokenizer):
     losses, weights = trained(tokenizer)
     checkpointed_losses, checkpointed_weights = trained(tokenizer, gradient_checkpointing=True)

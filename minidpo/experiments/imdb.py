@@ -61,7 +61,9 @@ class Scale:
     eval_every: int  # evaluate every N optimizer steps
     ppo_eval_every: int  # evaluate PPO every N iterations
     batch_size: int  # pairs per step
-    lr: float  # DPO / Preferred-FT / Unlikelihood learning rate (AdamW)
+    lr: float  # DPO / Preferred-FT / Unlikelihood peak learning rate
+    optimizer: str = "adamw"  # of DPO and the baselines: adamw | rmsprop (the paper's)
+    warmup_steps: int = 0  # linear warmup of DPO and the baselines (the paper: 150)
     dpo_betas: tuple[float, ...] = (0.1, 1.0)
     ul_alphas: tuple[float, ...] = (0.1, 1.0)
     ppo_targets: tuple[float, ...] = (6.0,)  # target KLs of PPO-GT and PPO (learned reward) alike
@@ -129,10 +131,10 @@ SCALES = {
                  dtype="auto", sample_batch=256),
     "paper": Scale(model="gpt2-large", reward="siebert/sentiment-roberta-large-english", train_prompts=25_000,
                    eval_prompts=512, new_tokens=48, steps=1500, eval_every=100, ppo_eval_every=10, batch_size=64,
-                   lr=1e-6,
+                   lr=1e-6, optimizer="rmsprop", warmup_steps=150,  # the paper's optimisation, for every method
                    dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.05, 0.1, 0.5, 1.0), ppo_targets=(3.0, 6.0, 9.0, 12.0),
                    ppo=dict(iterations=200, rollouts=64, minibatch=16, lr=1.4e-5), best_of=(4, 16, 64, 128),
-                   reward_model=dict(epochs=1, batch_size=64, lr=1e-5, eval_every=100), sft_epochs=1.0,
+                   reward_model=dict(epochs=3, batch_size=64, lr=1e-5, eval_every=100), sft_epochs=1.0,
                    dtype="auto"),
 }
 
@@ -456,8 +458,8 @@ def train_dpo(experiment):
         name = "dpo" if not rpo else "dpo+nll"
         for run_seed in run_seeds(scale, name, experiment.seed):
             config = RunConfig(out=seed_folder(os.path.join(out, f"{name}-beta{beta}"), run_seed, experiment.seed),
-                               beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer="adamw",
-                               lr=scale.lr, warmup_steps=0, max_steps=scale.steps,
+                               beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer=scale.optimizer,
+                               lr=scale.lr, warmup_steps=scale.warmup_steps, max_steps=scale.steps,
                                eval_every=scale.eval_every, max_length=256, max_prompt_length=64,
                                precompute_ref=True, overwrite=True, progress=False, dtype=experiment.dtype,
                                save_every=scale.steps, seed=run_seed,  # one checkpoint, at the end
@@ -478,7 +480,8 @@ def train_baselines(experiment):
             for run_seed in run_seeds(scale, method, experiment.seed):
                 train_baseline(method, experiment.fresh_policy(), experiment.tokenizer, experiment.pairs,
                                steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, alpha=alpha or 0.0,
-                               seed=run_seed, callback=experiment.evaluating(
+                               seed=run_seed, optimizer=scale.optimizer, warmup_steps=scale.warmup_steps,
+                               callback=experiment.evaluating(
                                    method, alpha if alpha is not None else "-", run_seed))
                 experiment.log(f"{method} {alpha} seed {run_seed} done")
 
