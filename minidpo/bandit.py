@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .baselines import preferred_ft_loss, unlikelihood_loss
+from .baselines import preferred_ft_loss, sequence_unlikelihood_loss, unlikelihood_loss
 from .dpo import dpo_loss, gradient_weights, implicit_rewards
 from .plackett_luce import plackett_luce_loss
 
@@ -170,9 +170,12 @@ def fit_reward(counts, steps=300):
 
 def policy_loss(method, policy_logps, ref_logps, counts, beta=0.1, alpha=1.0, **dpo_kwargs):
     """The mean loss over all pairs of a tabular policy, for method in
-    dpo (any dpo_loss variant via dpo_kwargs) | unweighted | preferred_ft | unlikelihood | plackett_luce.
+    dpo (any dpo_loss variant via dpo_kwargs) | unweighted | preferred_ft | unlikelihood | unlikelihood_token
+    | plackett_luce, named as in minidpo.baselines.
     unweighted: -(r_hat(y_w) - r_hat(y_l)), whose gradient is DPO's with the weight sigma(r_hat_l - r_hat_w)
-    replaced by 1. plackett_luce takes Rankings for counts; its "chosen" is the best, "rejected" the worst.
+    replaced by 1. unlikelihood: the paper's, -log pi(y_w|x) + alpha log pi(y_l|x), unbounded below;
+    unlikelihood_token: the bounded form of Welleck et al., -log pi(y_w|x) - alpha log(1 - pi(y_l|x)) (a bandit's
+    response is one token). plackett_luce takes Rankings for counts; its "chosen" is the best, "rejected" the worst.
     Returns (loss, per-pair chosen rewards, per-pair rejected rewards, weights)."""
     if method == "plackett_luce":
         return ranking_loss(policy_logps, ref_logps, counts, beta)
@@ -183,13 +186,17 @@ def policy_loss(method, policy_logps, ref_logps, counts, beta=0.1, alpha=1.0, **
     elif method == "unweighted":
         cr, rr = implicit_rewards(chosen, ref_logps[x, yw], beta), implicit_rewards(rejected, ref_logps[x, yl], beta)
         losses, cr, rr = -(cr - rr), cr.detach(), rr.detach()
-    else:
+    elif method in ("preferred_ft", "unlikelihood", "unlikelihood_token"):
         if method == "preferred_ft":
             losses = preferred_ft_loss(chosen)
+        elif method == "unlikelihood":
+            losses = sequence_unlikelihood_loss(chosen, rejected, alpha=alpha)
         else:
             losses = unlikelihood_loss(chosen, rejected, alpha=alpha)
         cr = implicit_rewards(chosen, ref_logps[x, yw], beta).detach()
         rr = implicit_rewards(rejected, ref_logps[x, yl], beta).detach()
+    else:
+        raise ValueError(f"unknown method {method!r}")
     return (weight * losses).sum(), cr, rr, weight
 
 

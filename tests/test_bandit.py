@@ -76,6 +76,35 @@ def test_unlikelihood_and_preferred_ft_by_hand():
     assert preferred_ft_loss(chosen).item() == pytest.approx(math.log(2))
 
 
+def test_bandit_unlikelihoods_are_the_papers_and_wellecks_forms_written_out(problem):
+    counts = bd.preference_counts(problem, 20_000, seed=8)
+    x, yw, yl, freq = bd.pairs(counts)
+    logits = (problem.ref_logps + 0.3 * torch.randn(problem.shape, generator=torch.Generator().manual_seed(4),
+                                                    dtype=torch.float64)).requires_grad_(True)
+    logps = logits.log_softmax(-1)
+    alpha = 2.0
+    paper, *_ = bd.policy_loss("unlikelihood", logps, problem.ref_logps, counts, alpha=alpha)
+    torch.testing.assert_close(paper, (freq * (-logps[x, yw] + alpha * logps[x, yl])).sum())
+    bounded, *_ = bd.policy_loss("unlikelihood_token", logps, problem.ref_logps, counts, alpha=alpha)
+    torch.testing.assert_close(bounded, (freq * (-logps[x, yw] - alpha * torch.log(1 - logps[x, yl].exp()))).sum())
+    # the paper's gradient in the logits, by hand: -W(y) + alpha L(y) + (1 - alpha) f(x) pi(y|x), with W, L the
+    # fractions of pairs that y won and lost and f(x) the fraction on x (the softmax spreads each push over pi)
+    (grad,) = torch.autograd.grad(paper, logits)
+    wins, losses = torch.zeros(problem.shape, dtype=torch.float64), torch.zeros(problem.shape, dtype=torch.float64)
+    wins.index_put_((x, yw), freq, accumulate=True)
+    losses.index_put_((x, yl), freq, accumulate=True)
+    per_prompt = wins.sum(-1, keepdim=True)  # each pair counts once, on its prompt
+    torch.testing.assert_close(grad, -wins + alpha * losses + (1 - alpha) * per_prompt * logps.detach().exp())
+    # at alpha = 1 it is the unweighted loss divided by beta, up to a constant
+    beta = 0.5
+    unweighted, *_ = bd.policy_loss("unweighted", logps, problem.ref_logps, counts, beta=beta)
+    paper_1, *_ = bd.policy_loss("unlikelihood", logps, problem.ref_logps, counts, alpha=1.0)
+    constant = (freq * (problem.ref_logps[x, yw] - problem.ref_logps[x, yl])).sum()
+    torch.testing.assert_close(paper_1, unweighted / beta - constant)
+    with pytest.raises(ValueError):
+        bd.policy_loss("unlikelyhood", logps, problem.ref_logps, counts)
+
+
 def test_frontier_at_kl_inverts_the_kl_of_the_optimum(problem):
     star = bd.optimal_policy(problem.ref_logps, problem.reward, 0.7)
     beta, best = bd.frontier_at_kl(problem.ref_logps, problem.reward, bd.kl(star, problem.ref_logps).mean().item())
