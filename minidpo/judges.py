@@ -15,7 +15,8 @@ one interface — judge(prompts, candidates, baselines) -> list of verdicts, eac
 FeatureRewardModel, the proxy judge's reward model, also ranks Best-of-N samples (experiments/tldr_hh.py).
 judge_agreement() checks any judge against held-out labels (people's, or set by construction offline) and
 against itself with the two responses swapped (the offline stand-in for the paper's Table 2); LongerJudge is
-its no-model baseline; repeated_bigrams flags the degenerate loops a learned judge can score well.
+its no-model baseline. degenerate() names the responses no judge is asked about (loops, prompt copies, nothing):
+GuardedJudge puts every judge behind that rule, and probe_preferences measures why it is needed.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(name)
         self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.name, self.device, self.batch_size, self.max_length = name, device, batch_size, max_length
 
     def score(self, prompts, responses):
         import torch
@@ -303,3 +304,86 @@ def repeated_bigrams(text):
     words = text.split()
     bigrams = list(zip(words, words[1:]))
     return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+# ---- degenerate responses: one rule for every judge -------------------------------------------------------------
+
+LOOP_BIGRAM_SHARE = 0.4  # above this share of repeated word bigrams a response is a loop (varied prose: < 0.15)
+CHARACTER_RUN = 8  # one character this many times in a row ("1000000000") is a loop too
+# A copy of the prompt: 90% of the response's word 4-grams are the prompt's, over 20+ words or half the prompt (a
+# shorter extract, one sentence of a long post, can be a fair summary: a labelled chosen one in the bundled set is).
+PROMPT_COPY_SHARE, PROMPT_COPY_WORDS = 0.9, 20
+
+
+def degenerate(prompt, response):
+    """Why a response cannot be judged on its content, or None: "empty" (nothing, or only whitespace), "loop" (a
+    share of repeated word bigrams above LOOP_BIGRAM_SHARE, or one character CHARACTER_RUN times in a row), "prompt
+    copy" (PROMPT_COPY_SHARE of its word 4-grams the prompt's, over PROMPT_COPY_WORDS words or half the prompt's).
+    Learned judges have never seen such texts in a preference pair and can score them anywhere; every judge path
+    applies this rule first (GuardedJudge)."""
+    text = response.strip()
+    if not text:
+        return "empty"
+    if repeated_bigrams(text) > LOOP_BIGRAM_SHARE or re.search(rf"(\S)\1{{{CHARACTER_RUN - 1},}}", text):
+        return "loop"
+    words, prompt_words = text.lower().split(), prompt.lower().split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    prompt_grams = {tuple(prompt_words[i:i + 4]) for i in range(len(prompt_words) - 3)}
+    long_enough = len(words) >= min(PROMPT_COPY_WORDS, max(4, len(prompt_words) / 2))
+    if grams and long_enough and sum(g in prompt_grams for g in grams) >= PROMPT_COPY_SHARE * len(grams):
+        return "prompt copy"
+    return None
+
+
+class GuardedJudge:
+    """Any judge behind the degenerate-response rule: a degenerate response loses to a non-degenerate one, two
+    degenerate responses tie, and only comparisons between two judgeable responses reach the judge (an API judge
+    is not even asked). `ruled` counts, per reason, the candidate responses ruled so since reset_counts()."""
+
+    def __init__(self, judge):
+        self.judge = judge
+        self.reads_both = getattr(judge, "reads_both", False)
+        self.ruled = {}
+
+    def reset_counts(self):
+        self.ruled = {}
+
+    def __call__(self, prompts, candidates, baselines, **kwargs):
+        reasons = [(degenerate(p, c), degenerate(p, b)) for p, c, b in zip(prompts, candidates, baselines)]
+        for candidate_reason, _ in reasons:
+            if candidate_reason:
+                self.ruled[candidate_reason] = self.ruled.get(candidate_reason, 0) + 1
+        judged = [i for i, (c, b) in enumerate(reasons) if not c and not b]
+        inner = self.judge([prompts[i] for i in judged], [candidates[i] for i in judged],
+                           [baselines[i] for i in judged], **kwargs) if judged else []
+        verdicts = [0.5 if c and b else 0.0 if c else 1.0 if b else None for c, b in reasons]
+        for i, verdict in zip(judged, inner):
+            verdicts[i] = verdict
+        return verdicts
+
+    def __getattr__(self, name):  # accuracy, tokens, requests, model: the inner judge's
+        return getattr(self.judge, name)
+
+
+def degenerate_probes(records):
+    """Degenerate versions of held-out labelled pairs' chosen responses, to measure how often a bare judge prefers
+    them to the real one: a loop (its first three words, eight times), a copy of the prompt's last 30 words, and a
+    truncation (its first third of words: a fair response that stops short, judged on content, not ruled)."""
+    probes = []
+    for r in records:
+        words, prompt_words = r["chosen"].split(), r["prompt"].split()
+        for kind, probe in (("loop", words[:3] * 8), ("prompt copy", prompt_words[-30:]),
+                            ("truncation", words[:max(1, len(words) // 3)])):
+            probes.append({"prompt": r["prompt"], "chosen": r["chosen"], "probe": " " + " ".join(probe), "kind": kind})
+    return probes
+
+
+def probe_preferences(judge, records):
+    """{kind: share of probes the judge prefers to the chosen response (ties half)}, kinds as degenerate_probes."""
+    probes = degenerate_probes(records)
+    verdicts = judge([p["prompt"] for p in probes], [p["probe"] for p in probes], [p["chosen"] for p in probes])
+    shares = {}
+    for kind in ("loop", "prompt copy", "truncation"):
+        valid = [v for v, p in zip(verdicts, probes) if p["kind"] == kind and v is not None]
+        shares[kind] = sum(valid) / len(valid) if valid else float("nan")
+    return shares

@@ -7,7 +7,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from minidpo.judges import ApiJudge, ProxyJudge, parse_verdict, win_rate
+from minidpo.judges import (
+    ApiJudge,
+    GuardedJudge,
+    ProxyJudge,
+    degenerate,
+    parse_verdict,
+    probe_preferences,
+    win_rate,
+)
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
@@ -243,3 +251,67 @@ def test_judge_agreement_shows_a_reading_judge_both_orders(server, tmp_path):
     biased = judge_agreement(judge(server, tmp_path, seed=1), [dict(r, prompt=r["prompt"] + "!") for r in records])
     assert biased["agreement"]["win_rate"] == 1.0  # chosen shown first every time: it looks perfect...
     assert biased["swap_consistency"]["win_rate"] == 0.0  # ...until the order is swapped
+
+
+# ---- the degenerate-response rule ----------------------------------------------------------------------------
+
+POST = ("SUBREDDIT: r/relationships\nTITLE: My girlfriend (29F) and I (31M) argue about money\nPOST: We have been "
+        "together for 4 months and every weekend ends in the same argument about who pays for dinner. She says I "
+        "earn more so I should pay, I say we should split it, and then we do not talk for the rest of the night.\n"
+        "TL;DR:")
+REFERENCE = " We keep arguing about who pays for dinner; how do we split costs fairly?"
+LOOPS = [" 29M, 29M, 29M, 29M, 29M, 29M, 2", " 31F, 4 months, 31F, 4 months, 31F,", " 1000000000000000000000000000000"]
+COPY = (" every weekend ends in the same argument about who pays for dinner. She says I earn more so I should pay, I "
+        "say we should split it")
+EXTRACT = " every weekend ends in the same argument about who pays for dinner."  # one sentence: a fair summary
+
+
+def test_degenerate_names_the_papers_failure_modes_and_passes_fair_responses():
+    # Oracle: labels by hand (the loops are the TL;DR laptop run's own greedy summaries, issue #26).
+    assert [degenerate(POST, text) for text in LOOPS] == ["loop", "loop", "loop"]
+    assert degenerate(POST, COPY) == "prompt copy"
+    assert degenerate(POST, "  \n") == "empty"
+    fair = [REFERENCE, " Partner and I fight over dinner bills every weekend.", " No.", " Split it 50/50, talk calmly.",
+            " It depends on your budget, but most couples split costs in proportion to income.", EXTRACT]
+    assert [degenerate(POST, text) for text in fair] == [None] * len(fair)
+
+
+class AlwaysCandidate:
+    """The worst judge for this rule: it prefers the candidate, whatever it says."""
+    reads_both = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, candidates, baselines, **kwargs):
+        self.calls += len(candidates)
+        return [1.0] * len(candidates)
+
+
+def test_behind_the_rule_a_loop_or_a_prompt_copy_never_beats_the_reference(server, tmp_path):
+    bare = AlwaysCandidate()
+    guarded = GuardedJudge(bare)
+    degenerate_texts = LOOPS + [COPY, ""]
+    verdicts = guarded([POST] * 6, degenerate_texts + [" A fair summary of the post."], [REFERENCE] * 6)
+    assert verdicts == [0.0] * 5 + [1.0] and bare.calls == 1  # only the fair response reached the judge
+    assert guarded.ruled == {"loop": 3, "prompt copy": 1, "empty": 1}
+    assert guarded([POST], [LOOPS[0]], [LOOPS[1]]) == [0.5]  # two degenerate responses tie
+    # the same with the API judge over the fake server: the degenerate candidates are never sent
+    server.state["always_a"] = True  # a judge that always answers "A"
+    api = GuardedJudge(judge(server, tmp_path))
+    assert api([POST] * 4, degenerate_texts[:4], [REFERENCE] * 4) == [0.0] * 4 and not server.state["requests"]
+    assert api.model == "judge-model"  # the inner judge's attributes show through
+
+
+def test_the_experiments_default_judge_path_is_guarded_and_the_probes_measure_why():
+    from minidpo.experiments import tldr_hh
+    from minidpo.models import byte_tokenizer, tiny_gpt2
+    tokenizer = byte_tokenizer()
+    records = [{"prompt": f"Q{i}: what now?", "chosen": f" sure, happy to help with {i}", "rejected": f" no. {i}"}
+               for i in range(32)]
+    proxy = tldr_hh.make_judge("proxy", "tldr", tiny_gpt2(seed=0, n_embd=128).eval(), tokenizer, records, "unused")
+    assert isinstance(proxy, GuardedJudge) and isinstance(proxy.judge, ProxyJudge)
+    guarded = probe_preferences(proxy, records[:8])
+    assert guarded["loop"] == 0.0 and guarded["prompt copy"] == 0.0  # ruled, whatever the judge would say
+    bare = probe_preferences(AlwaysCandidate(), records[:8])
+    assert bare == {"loop": 1.0, "prompt copy": 1.0, "truncation": 1.0}  # what an unguarded judge can do

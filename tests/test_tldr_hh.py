@@ -58,6 +58,13 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     assert all(entry["pairs"] == scale.agreement_pairs and entry["agreement"]["n"] == scale.agreement_pairs
                for entry in table.values())
     assert table["judge"]["swap_consistency"]["win_rate"] == 1.0  # a score judge has no position to prefer
+    # the degenerate-response rule: measured on probes, applied to every verdict, counted per row
+    probes = summary["degenerate_probes"]
+    assert probes["judge behind the rule"]["loop"] == 0.0 and probes["judge behind the rule"]["prompt copy"] == 0.0
+    assert all(set(r["ruled_degenerate"]) <= {"empty", "loop", "prompt copy"} for r in rows)
+    # what judged the run, and no machine's folders in the summary
+    assert summary["judge_record"]["class"] == "ProxyJudge" and summary["judge_record"]["model"].startswith("tiny")
+    assert not any(isinstance(v, str) and os.path.isabs(v) for v in summary["config"].values()), summary["config"]
     # one model trained in place; the only copies: the offline judge's, and DPO's reference while it precomputes
     # (before: also a copy for SFT and one for DPO's policy, four in all)
     assert len(copies) <= 2, copies

@@ -46,11 +46,13 @@ from ..dpo import frozen_copy, uses_bf16
 from ..judges import (
     ApiJudge,
     FeatureRewardModel,
+    GuardedJudge,
     LongerJudge,
     ProxyJudge,
     RewardModelJudge,
     best_scored,
     judge_agreement,
+    probe_preferences,
     win_rate,
 )
 from ..models import freeze_all_but_top, load_model
@@ -226,16 +228,17 @@ def split_data(scale, seed):
 
 def make_judge(kind, task, base, tokenizer, judge_records, out, prompt="standard", bf16=False, device="cpu"):
     """The judge: "proxy" (offline, on a frozen bf16/fp32 copy of the base model: the only copy a run
-    makes), "api" (the paper's GPT-4 prompt; TL;DR's standard (S) or concise (C)) or a reward model name."""
+    makes), "api" (the paper's GPT-4 prompt; TL;DR's standard (S) or concise (C)) or a reward model name; each
+    behind the degenerate-response rule (judges.GuardedJudge: a loop, a prompt copy or nothing loses)."""
     if prompt not in ("standard", "concise") or (prompt == "concise" and task != "tldr"):
         raise ValueError(f"judge prompt {prompt!r}: standard, or concise (TL;DR only)")
     if kind == "proxy":
         features = frozen_copy(base).to(torch.bfloat16 if bf16 else torch.float32)
-        return ProxyJudge(features, tokenizer, judge_records)
+        return GuardedJudge(ProxyJudge(features, tokenizer, judge_records))
     if kind == "api":
         template = "dialogue" if task == "hh" else "summary_concise" if prompt == "concise" else "summary"
-        return ApiJudge(template, cache_path=os.path.join(out, "judge_cache.jsonl"))
-    return RewardModelJudge(kind, device=device)
+        return GuardedJudge(ApiJudge(template, cache_path=os.path.join(out, "judge_cache.jsonl")))
+    return GuardedJudge(RewardModelJudge(kind, device=device))
 
 
 def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, seed=0, batch_size=32):
@@ -295,6 +298,35 @@ def check_judge(judge_fn, records, say):
     return table
 
 
+def check_degenerate_probes(judge_fn, records, say):
+    """Why the degenerate-response rule: how often the bare judge prefers a loop, a copy of the prompt or a
+    truncation of the chosen response to the chosen response itself, and how often the judge behind the rule does."""
+    table = {"bare judge": probe_preferences(judge_fn.judge, records),
+             "judge behind the rule": probe_preferences(judge_fn, records)}
+    for name, shares in table.items():
+        say(f"{name:22s} prefers to the chosen response: " + ", ".join(f"a {k} {v:.3f}" for k, v in shares.items()))
+    judge_fn.reset_counts()
+    return table
+
+
+def portable(config):
+    """A config with its file paths made relative (to the package for bundled data, else to the working folder):
+    a summary.json names no machine's folders."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above minidpo/
+    return {key: os.path.relpath(value, root if value.startswith(root) else os.getcwd())
+            if isinstance(value, str) and os.path.isabs(value) else value for key, value in config.items()}
+
+
+def judge_record(judge_fn, scale):
+    """What judged the run: the judge's class and model, and what it cost (requests and tokens, for an API)."""
+    inner = judge_fn.judge
+    model = getattr(inner, "name", None) or getattr(inner, "model", None)
+    if not isinstance(model, str):  # the proxy: a linear head over the base model's features
+        model = f"{scale.model} features, a Bradley-Terry linear head"
+    return {"class": type(inner).__name__, "model": model, "requests": getattr(inner, "requests", 0),
+            "tokens": getattr(inner, "tokens", None), "ruled_degenerate": "judges.degenerate, before the judge"}
+
+
 @dataclass
 class WinRateRun:
     """What every step of one TL;DR or HH run shares: the test prompts and their references, the judge, and where
@@ -330,8 +362,10 @@ class WinRateRun:
 
     def record(self, method, step, t, responses, **extra):
         """Judge the responses against the references; append the win rate and every verdict."""
+        self.judge_fn.reset_counts()
         verdicts = self.judge_fn(self.prompts, responses, self.references)
-        row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts)}
+        row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts),
+               "ruled_degenerate": dict(self.judge_fn.ruled)}  # responses the rule decided, by reason
         with open(self.results_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.samples_path, "a") as f:
@@ -386,15 +420,16 @@ def prepare(task, scale, scale_name, out, seed, judge, judge_prompt, beta, base,
         f"{len(data.test)} test prompts")
     bf16 = uses_bf16(scale.dtype, device.type)
     judge_fn = make_judge(judge, task, base, tokenizer, data.judge, out, judge_prompt, bf16, device)
-    summary = {"task": task, "scale": scale_name, "beta": beta, "seed": seed, "config": dataclasses.asdict(scale),
-               "judge": judge, "judge_prompt": judge_prompt,
+    summary = {"task": task, "scale": scale_name, "beta": beta, "seed": seed,
+               "config": portable(dataclasses.asdict(scale)), "judge": judge, "judge_prompt": judge_prompt,
                "reference_method": "sft" if scale.sft_dataset else "preferred_ft",
                "memory_estimate_gb": {stage: memory.total(parts) / memory.GB for stage, parts in estimate.items()}}
-    if isinstance(judge_fn, ProxyJudge):
+    if isinstance(judge_fn.judge, ProxyJudge):
         summary["judge_heldout_accuracy"] = judge_fn.accuracy
         say(f"offline judge: held-out pair accuracy {judge_fn.accuracy:.3f}")
     if data.agreement:
         summary["judge_agreement"] = check_judge(judge_fn, data.agreement, say)
+        summary["degenerate_probes"] = check_degenerate_probes(judge_fn, data.agreement, say)
     experiment = WinRateRun(task, scale, out, seed, tokenizer, [r["prompt"] for r in data.test],
                             [r["reference"] for r in data.test], judge_fn, autocast_for(scale.dtype, device), summary,
                             started)
@@ -459,6 +494,7 @@ def train_dpo_along(experiment, policy, data, beta):
 def finish(experiment, scale_name):
     """summary.json and the win-rate figure; returns results.jsonl's path."""
     experiment.summary["seconds"] = time.time() - experiment.started
+    experiment.summary["judge_record"] = judge_record(experiment.judge_fn, experiment.scale)
     with open(os.path.join(experiment.out, "summary.json"), "w") as f:
         json.dump(experiment.summary, f, indent=1)
     from .plots import plot_win_rates
