@@ -29,6 +29,15 @@ class VaderReward:
     def __call__(self, texts):
         return [self.analyzer.polarity_scores(t)["compound"] for t in texts]
 
+    def lexicon_share(self, texts):
+        """The share of each text's words that are VADER lexicon words: how a policy can game this reward, by
+        stuffing sentiment words ("amazing amazing awesome") rather than writing a positive review."""
+        shares = []
+        for text in texts:
+            words = [w.strip(".,!?;:\"'()").lower() for w in text.split()]
+            shares.append(sum(w in self.analyzer.lexicon for w in words) / len(words) if words else 0.0)
+        return shares
+
 
 class ClassifierReward:
     """P(positive) from a Hugging Face sequence classifier (the paper: siebert/sentiment-roberta-large-english)."""

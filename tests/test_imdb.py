@@ -187,6 +187,34 @@ def test_smoke_experiment_writes_every_method_and_a_figure(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["pairs"] > 0 and "reward_model_heldout_accuracy" in summary and "empty_completions" in summary
+    # every evaluated point has its samples on file (prefix, completion, length, EOS, reward, KL) and its degeneracy
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    evaluated = [r for r in rows if r["method"] != "best_of_n"]
+    assert len(samples) == sum(r["samples"] for r in evaluated)
+    first = evaluated[0]
+    mine = [s for s in samples if (s["method"], s["param"], s["step"], s["seed"]) ==
+            (first["method"], first["param"], first["step"], first["seed"])]
+    assert sum(s["reward"] for s in mine) / len(mine) == pytest.approx(first["reward"])  # the row is their mean
+    assert sum(s["kl"] is not None for s in mine) == first["kl_samples"]
+    assert all(0 <= s["tokens"] <= imdb.SCALES["smoke"].new_tokens and isinstance(s["eos"], bool) for s in samples)
+    assert all({"short", "repeated_bigrams", "degenerate"} <= set(r) for r in evaluated)
+
+
+def test_degeneracy_flags_early_stops_loops_and_lexicon_stuffing():
+    # Oracle: samples written by hand, one failure mode each; VADER's lexicon as the reward's.
+    from minidpo.rewards import VaderReward
+    tokenizer = byte_tokenizer()
+    evaluator = imdb.Evaluator(None, tokenizer, ["x"], VaderReward(), new_tokens=8, results_path="unused.jsonl")
+
+    def samples(texts, tokens):
+        return [{"completion": t, "completion_ids": [0] * tokens} for t in texts]
+
+    fine = evaluator.degeneracy(samples(["the film was slow but the actors were good"] * 4, 8))
+    assert fine["degenerate"] == [] and fine["short"] == 0.0
+    assert evaluator.degeneracy(samples(["It was."] * 4, 2))["degenerate"] == ["short"]
+    assert "repeated_bigrams" in evaluator.degeneracy(samples(["so good so good so good so good"] * 4, 8))["degenerate"]
+    stuffed = evaluator.degeneracy(samples(["amazing amazing awesome great love wonderful"] * 4, 8))
+    assert stuffed["lexicon"] > 0.9 and "lexicon" in stuffed["degenerate"]
 
 
 def test_best_of_n_from_the_command_line(tmp_path):

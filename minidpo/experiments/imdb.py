@@ -41,7 +41,7 @@ import torch
 from .. import dpo
 from ..baselines import BASELINES, best_of_n_kl, train_baseline
 from ..bundled import bundled_path
-from ..judges import best_scored
+from ..judges import best_scored, repeated_bigrams
 from ..models import freeze_all_but_top, load_model
 from ..ppo import PPOConfig, ppo_train
 from ..reward_model import RewardModelConfig, train_reward_model
@@ -284,10 +284,17 @@ def mean_and_se(values, groups):
     return mean, math.sqrt(sum((m - grand) ** 2 for m in means) / (len(means) - 1) / len(means))
 
 
+# A point is flagged degenerate (drawn hollow on the frontier) when its samples mostly stop early, loop, or stuff the
+# reward's lexicon: its reward then says little about the reviews a policy writes.
+DEGENERATE = {"short": 0.5, "repeated_bigrams": 0.3, "lexicon": 0.4}
+
+
 class Evaluator:
     """Samples a policy on the held-out prefixes, `samples` times each: the mean ground-truth reward and the
     mean sequence KL to the reference (on the first `kl_samples` samples of each prefix; 0: all), each with
-    its standard error clustered by prefix."""
+    its standard error clustered by prefix; beside them how degenerate the samples are (the share that end before
+    half the token budget, the mean share of repeated word bigrams, and for VADER the mean share of lexicon words).
+    Every sample goes to samples.jsonl beside the results: prefix, completion, length, EOS, reward, KL."""
 
     def __init__(self, reference, tokenizer, prompts, reward_fn, new_tokens, results_path, seed=0, samples=1,
                  kl_samples=0, batch_size=32):
@@ -295,6 +302,7 @@ class Evaluator:
         self.reward_fn, self.new_tokens, self.path, self.seed = reward_fn, new_tokens, results_path, seed
         self.samples, self.kl_samples, self.batch_size = samples, kl_samples or samples, batch_size
         self.pad = tokenizer.pad_token_id
+        self.samples_path = os.path.join(os.path.dirname(results_path) or ".", "samples.jsonl")
 
     def score(self, samples):
         return self.reward_fn([s["prompt"] + s["completion"] for s in samples])
@@ -303,15 +311,36 @@ class Evaluator:
         prefix_of = [i for i in range(len(self.prompts)) for _ in range(self.samples)]
         samples = generate(policy, self.tokenizer, [self.prompts[i] for i in prefix_of], self.new_tokens,
                            batch_size=self.batch_size, seed=self.seed + 7)
-        reward, reward_se = mean_and_se(self.score(samples), prefix_of)
+        rewards = self.score(samples)
+        reward, reward_se = mean_and_se(rewards, prefix_of)
         measured = [k for k in range(len(samples)) if k % self.samples < self.kl_samples]
         kls = sequence_kl(policy, self.reference, [samples[k] for k in measured], self.pad).tolist()
         kl, kl_se = mean_and_se(kls, [prefix_of[k] for k in measured])
-        row = {"method": method, "param": param, "step": step, "seed": self.seed if seed is None else seed,
+        seed = self.seed if seed is None else seed
+        row = {"method": method, "param": param, "step": step, "seed": seed,
                "reward": reward, "reward_se": reward_se, "kl": kl, "kl_se": kl_se, "samples": len(samples),
-               "kl_samples": len(measured), "example": samples[0]["prompt"] + samples[0]["completion"]}
+               "kl_samples": len(measured), "example": samples[0]["prompt"] + samples[0]["completion"],
+               **self.degeneracy(samples)}
+        kl_of, eos = dict(zip(measured, kls)), self.tokenizer.eos_token_id
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for k, (s, r) in enumerate(zip(samples, rewards)):
+                ids = s["completion_ids"]
+                f.write(json.dumps({"method": method, "param": param, "step": step, "seed": seed,
+                                    "prefix": s["prompt"], "completion": s["completion"], "tokens": len(ids),
+                                    "eos": bool(ids) and ids[-1] == eos, "reward": r, "kl": kl_of.get(k)}) + "\n")
         self.write(row)
         return row
+
+    def degeneracy(self, samples):
+        """Shares that say how degenerate the samples are, and whether the point is flagged (DEGENERATE)."""
+        completions = [s["completion"] for s in samples]
+        measures = {"short": sum(len(s["completion_ids"]) < self.new_tokens / 2 for s in samples) / len(samples),
+                    "repeated_bigrams": sum(map(repeated_bigrams, completions)) / len(completions)}
+        lexicon_share = getattr(self.reward_fn, "lexicon_share", None)
+        if lexicon_share is not None:
+            measures["lexicon"] = sum(lexicon_share(completions)) / len(completions)
+        flagged = [name for name, value in measures.items() if value > DEGENERATE[name]]
+        return {**measures, "degenerate": flagged}
 
     def write(self, row):
         with open(self.path, "a", encoding="utf-8") as f:
@@ -394,7 +423,8 @@ class Experiment:
 def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
     """Each method in turn from the same reference and pairs; results.jsonl, summary.json and the figures."""
     experiment = Experiment(scale, scale_name, out, seed, methods, dtype)
-    open(experiment.results_path, "w").close()
+    for path in (experiment.results_path, os.path.join(out, "samples.jsonl")):
+        open(path, "w").close()
     torch.manual_seed(seed)
     prepare(experiment, device)
     base = experiment.evaluate(experiment.reference, "reference", "-", 0)

@@ -49,7 +49,8 @@ def seed_mean(rows):
     points = []
     for (method, _, step), group in groups.items():
         point = {"method": method, "param": group[0]["param"], "step": step, "seeds": len(group),
-                 "kl_is_bound": group[0].get("kl_is_bound", False)}
+                 "kl_is_bound": group[0].get("kl_is_bound", False),
+                 "degenerate": sorted({reason for r in group for reason in r.get("degenerate", [])})}
         for key in ("reward", "kl"):
             values = [r[key] for r in group]
             point[key] = sum(values) / len(values)
@@ -98,6 +99,10 @@ def draw_frontier(rows, ax, title="reward vs KL", ylabel="mean ground-truth rewa
                     ax.annotate(f"{param_label(method, p['param']) or LABELS.get(method, method)}, step {p['step']}",
                                 (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
                                 color=COLORS.get(method))
+    flagged = [p for p in points if p["degenerate"]]
+    if flagged:  # its samples stop early, loop or stuff the reward's lexicon (imdb.DEGENERATE): read them
+        ax.scatter([p["kl"] for p in flagged], [p["reward"] for p in flagged], s=120, facecolors="none",
+                   edgecolors="red", linewidths=1.4, zorder=6, label="degenerate samples (imdb.DEGENERATE)")
     ax.set(title=title, xlabel="KL(π ‖ π_ref)  (nats, sequence level, on held-out prefixes)", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
