@@ -254,18 +254,32 @@ class ProxyJudge(FeatureRewardModel):
         return _score_verdicts(candidates, baselines, self.score(prompts, candidates), self.score(prompts, baselines))
 
 
-def win_rate(verdicts, z=1.96):
+def win_rate(verdicts, z=1.96, clusters=None):
     """Win rate of the candidate with a Wilson score interval, ties counted as half a win and
-    unusable verdicts (None) left out. Returns {"win_rate", "low", "high", "n", "invalid"}."""
-    valid = [v for v in verdicts if v is not None]
-    n = len(valid)
+    unusable verdicts (None) left out. Returns {"win_rate", "low", "high", "n", "invalid"}, and with clusters
+    "n_effective".
+
+    clusters: one key per verdict (the post or task a prompt comes from). Verdicts on prompts of one cluster are not
+    independent draws, so the interval uses the effective sample size n / deff, with deff the design effect: the
+    cluster-robust variance of the mean over the independent-draws one (at least 1). Without clusters, n."""
+    kept = [(v, c) for v, c in zip(verdicts, clusters or [None] * len(verdicts)) if v is not None]
+    n = len(kept)
     if n == 0:
         return {"win_rate": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0,
-                "invalid": len(verdicts)}
-    p = sum(valid) / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"win_rate": p, "low": centre - half, "high": centre + half, "n": n, "invalid": len(verdicts) - n}
+                "invalid": len(verdicts), **({"n_effective": 0} if clusters is not None else {})}
+    p = sum(v for v, _ in kept) / n
+    n_effective = n
+    if clusters is not None and 0 < p < 1:
+        residuals = {}
+        for v, c in kept:
+            residuals[c] = residuals.get(c, 0.0) + v - p
+        design_effect = (sum(r * r for r in residuals.values()) / n ** 2) / (p * (1 - p) / n)
+        n_effective = n / max(1.0, design_effect)
+    m = n_effective
+    centre = (p + z * z / (2 * m)) / (1 + z * z / m)
+    half = z * math.sqrt(p * (1 - p) / m + z * z / (4 * m * m)) / (1 + z * z / m)
+    result = {"win_rate": p, "low": centre - half, "high": centre + half, "n": n, "invalid": len(verdicts) - n}
+    return result if clusters is None else {**result, "n_effective": n_effective}
 
 
 class LongerJudge:

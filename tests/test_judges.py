@@ -315,3 +315,17 @@ def test_the_experiments_default_judge_path_is_guarded_and_the_probes_measure_wh
     assert guarded["loop"] == 0.0 and guarded["prompt copy"] == 0.0  # ruled, whatever the judge would say
     bare = probe_preferences(AlwaysCandidate(), records[:8])
     assert bare == {"loop": 1.0, "prompt copy": 1.0, "truncation": 1.0}  # what an unguarded judge can do
+
+
+def test_clustered_win_rates_count_each_cluster_once_when_its_verdicts_agree():
+    # Oracle: 32 verdicts in 8 clusters of 4 identical ones carry the information of 8 draws: the interval is the
+    # Wilson interval of those 8. Singleton clusters change nothing.
+    per_cluster = [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    verdicts = [v for v in per_cluster for _ in range(4)]
+    clustered = win_rate(verdicts, clusters=[k for k in range(8) for _ in range(4)])
+    eight = win_rate(per_cluster)
+    assert clustered["n"] == 32 and clustered["n_effective"] == pytest.approx(8)
+    assert (clustered["low"], clustered["high"]) == pytest.approx((eight["low"], eight["high"]))
+    independent = win_rate(verdicts)
+    assert win_rate(verdicts, clusters=list(range(32))) == pytest.approx({**independent, "n_effective": 32})
+    assert clustered["high"] - clustered["low"] > 1.5 * (independent["high"] - independent["low"])

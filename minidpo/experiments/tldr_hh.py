@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -159,6 +160,17 @@ def end_of_turn(response):
     for turn in (HUMAN, ASSISTANT, HUMAN.rstrip(":"), ASSISTANT.rstrip(":")):
         response = response.split(turn)[0]
     return response.rstrip()
+
+
+def cluster_of(prompt):
+    """The post (TL;DR: its title) or the task (HH: what the question asks how to do) a test prompt comes from:
+    verdicts on prompts of one cluster are not independent, so win-rate intervals count clusters (judges.win_rate).
+    A prompt that names neither is its own cluster."""
+    title = re.search(r"^TITLE: (.*)$", prompt, re.MULTILINE)
+    if title:
+        return title.group(1).strip()
+    task = re.search(r"(?:how to|method to|tried to|follow to) ([^?.]+)", prompt)
+    return task.group(1).strip() if task else prompt
 
 
 def is_single_turn(prompt):
@@ -364,7 +376,8 @@ class WinRateRun:
         """Judge the responses against the references; append the win rate and every verdict."""
         self.judge_fn.reset_counts()
         verdicts = self.judge_fn(self.prompts, responses, self.references)
-        row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts),
+        clusters = [cluster_of(p) for p in self.prompts]
+        row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts, clusters=clusters),
                "ruled_degenerate": dict(self.judge_fn.ruled)}  # responses the rule decided, by reason
         with open(self.results_path, "a") as f:
             f.write(json.dumps(row) + "\n")
