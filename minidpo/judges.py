@@ -401,3 +401,14 @@ def probe_preferences(judge, records):
         valid = [v for v, p in zip(verdicts, probes) if p["kind"] == kind and v is not None]
         shares[kind] = sum(valid) / len(valid) if valid else float("nan")
     return shares
+
+
+# ---- beside the win rate: measures that need no judge ----------------------------------------------------------
+
+def rouge_l(responses, references):
+    """ROUGE-L F-measure of each response against its reference (Google's rouge-score, no stemming): how much of
+    the human summary's word sequence a summary shares. A check on the judge that a judge cannot fool with fluency,
+    and a weak measure of quality on its own (it rewards copying the reference's words)."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(reference, response)["rougeL"].fmeasure for response, reference in zip(responses, references)]

@@ -329,3 +329,10 @@ def test_clustered_win_rates_count_each_cluster_once_when_its_verdicts_agree():
     independent = win_rate(verdicts)
     assert win_rate(verdicts, clusters=list(range(32))) == pytest.approx({**independent, "n_effective": 32})
     assert clustered["high"] - clustered["low"] > 1.5 * (independent["high"] - independent["low"])
+
+
+def test_rouge_l_is_googles_f_measure():
+    # Oracle: the longest common subsequence by hand. "the cat sat on the mat" vs "the cat on the mat": LCS 5 words,
+    # precision 5/5, recall 5/6, F = 2 * 1 * (5/6) / (1 + 5/6) = 10/11.
+    from minidpo.judges import rouge_l
+    assert rouge_l(["the cat on the mat", "dogs bark"], ["the cat sat on the mat"] * 2) == pytest.approx([10 / 11, 0.0])

@@ -65,6 +65,9 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     # intervals count the posts / tasks the test prompts come from, not the prompts
     clusters = {tldr_hh.cluster_of(r["prompt"]) for r in tldr_hh.load_data(scale, 0).test}
     assert all(r["n_effective"] <= r["n"] for r in rows) and 1 < len(clusters) < scale.test_prompts
+    # beside every win rate: mean length, the degenerate share, and for TL;DR ROUGE-L against the human summary
+    assert all(r["mean_words"] >= 0 and 0 <= r["degenerate_share"] <= 1 for r in rows)
+    assert all((0 <= r["rouge_l"] <= 1) if task == "tldr" else "rouge_l" not in r for r in rows)
     # what judged the run, and no machine's folders in the summary
     assert summary["judge_record"]["class"] == "ProxyJudge" and summary["judge_record"]["model"].startswith("tiny")
     assert not any(isinstance(v, str) and os.path.isabs(v) for v in summary["config"].values()), summary["config"]

@@ -54,6 +54,7 @@ from ..judges import (
     best_scored,
     judge_agreement,
     probe_preferences,
+    rouge_l,
     win_rate,
 )
 from ..models import freeze_all_but_top, load_model
@@ -378,7 +379,11 @@ class WinRateRun:
         verdicts = self.judge_fn(self.prompts, responses, self.references)
         clusters = [cluster_of(p) for p in self.prompts]
         row = {"method": method, "temperature": t, "step": step, **extra, **win_rate(verdicts, clusters=clusters),
-               "ruled_degenerate": dict(self.judge_fn.ruled)}  # responses the rule decided, by reason
+               "ruled_degenerate": dict(self.judge_fn.ruled),  # responses the rule decided, by reason
+               "degenerate_share": sum(self.judge_fn.ruled.values()) / len(responses),
+               "mean_words": sum(len(r.split()) for r in responses) / len(responses)}
+        if self.task == "tldr":  # against the human-written summary: a measure no judge can be fooled into
+            row["rouge_l"] = sum(rouge_l(responses, self.references)) / len(responses)
         with open(self.results_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.samples_path, "a") as f:
