@@ -282,6 +282,34 @@ def win_rate(verdicts, z=1.96, clusters=None):
     return result if clusters is None else {**result, "n_effective": n_effective}
 
 
+def binomial_two_sided(k, n):
+    """Exact two-sided sign-test p-value: the chance of a split at least as uneven as k of n under a fair coin."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def sign_test(verdicts_a, verdicts_b, clusters=None):
+    """Paired comparison of two policies judged on the same prompts against the same references: on how many
+    prompts A's verdict beats B's and B's beats A's (equal verdicts and unusable ones left out), with the exact
+    sign-test p-value. With clusters (the post or task of each prompt), also the same test over clusters, each
+    counted once by the sign of its summed differences: prompts of one post are not independent draws."""
+    pairs = [(a - b, c) for a, b, c in zip(verdicts_a, verdicts_b, clusters or [None] * len(verdicts_a))
+             if a is not None and b is not None]
+    a_better, b_better = sum(d > 0 for d, _ in pairs), sum(d < 0 for d, _ in pairs)
+    result = {"a_better": a_better, "b_better": b_better, "equal": len(pairs) - a_better - b_better,
+              "p": binomial_two_sided(a_better, a_better + b_better)}
+    if clusters is None:
+        return result
+    net = {}
+    for d, c in pairs:
+        net[c] = net.get(c, 0.0) + d
+    up, down = sum(v > 0 for v in net.values()), sum(v < 0 for v in net.values())
+    return {**result, "clusters_a_better": up, "clusters_b_better": down,
+            "p_clusters": binomial_two_sided(up, up + down)}
+
+
 class LongerJudge:
     """A judge with no model, the baseline for judge_agreement: the longer response (in characters) wins,
     equal lengths tie. The paper found GPT-4's standard TL;DR prompt favours long summaries (section 6.4);

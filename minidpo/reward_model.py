@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .dpo import IGNORE_INDEX, disable_dropout, ensure_pad_token, position_ids_from_mask
 from .models import freeze_all_but_top
 from .sampling import completion_batch
+from .sft import checkpointing
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RewardModelConfig:
     val_fraction: float = 0.1  # share of prompts whose pairs pick the checkpoint
     test_fraction: float = 0.1  # share of prompts whose pairs measure the kept checkpoint
     max_length: int = 512
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (large models)
     seed: int = 0
 
 
@@ -146,21 +148,23 @@ def train_reward_model(lm, tokenizer, records, config=RewardModelConfig(), log=N
             best.update(step=step, val_accuracy=accuracy, val_loss=loss, state=state)
 
     validate()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(train), generator=generator).tolist()
-        for start in range(0, len(order), config.batch_size):
-            chunk = [train[i] for i in order[start:start + config.batch_size]]
-            rewards = model([c for c, _ in chunk] + [r for _, r in chunk])
-            loss = bradley_terry_loss(rewards[:len(chunk)], rewards[len(chunk):]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
-            if step % config.eval_every == 0:
+    with checkpointing(model.body, config.gradient_checkpointing):
+        model.body.train()  # dropout is off; transformers recomputes activations only in training mode
+        for _ in range(config.epochs):
+            order = torch.randperm(len(train), generator=generator).tolist()
+            for start in range(0, len(order), config.batch_size):
+                chunk = [train[i] for i in order[start:start + config.batch_size]]
+                rewards = model([c for c, _ in chunk] + [r for _, r in chunk])
+                loss = bradley_terry_loss(rewards[:len(chunk)], rewards[len(chunk):]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                step += 1
+                if step % config.eval_every == 0:
+                    validate()
+            if step % config.eval_every:
                 validate()
-        if step % config.eval_every:
-            validate()
     if "state" in best:
         model.load_state_dict(best.pop("state"), strict=False)
     model.requires_grad_(False).eval()

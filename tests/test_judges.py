@@ -336,3 +336,20 @@ def test_rouge_l_is_googles_f_measure():
     # precision 5/5, recall 5/6, F = 2 * 1 * (5/6) / (1 + 5/6) = 10/11.
     from minidpo.judges import rouge_l
     assert rouge_l(["the cat on the mat", "dogs bark"], ["the cat sat on the mat"] * 2) == pytest.approx([10 / 11, 0.0])
+
+
+def test_sign_test_is_the_exact_binomial_and_counts_clusters_once():
+    from minidpo.judges import binomial_two_sided, sign_test
+    # by hand: 6 of 6 prompts one way, p = 2 / 2^6; 5 of 5, 2 / 2^5; an even split, 1
+    assert binomial_two_sided(6, 6) == binomial_two_sided(0, 6) == pytest.approx(2 / 64)
+    assert binomial_two_sided(5, 5) == pytest.approx(2 / 32) and binomial_two_sided(3, 6) == 1.0
+    assert binomial_two_sided(1, 10) == pytest.approx(2 * (1 + 10) / 1024)
+    a = [1.0, 1.0, 1.0, 0.5, 0.0, 1.0, None, 0.0]
+    b = [0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0]
+    result = sign_test(a, b)  # A better on 4, B on 1, equal on 2, one unusable left out
+    assert (result["a_better"], result["b_better"], result["equal"]) == (4, 1, 2)
+    assert result["p"] == pytest.approx(2 * (1 + 5) / 32)
+    # the first three prompts come from one post: one cluster, counted once
+    clustered = sign_test(a, b, clusters=["x", "x", "x", "y", "z", "w", "v", "u"])
+    assert (clustered["clusters_a_better"], clustered["clusters_b_better"]) == (2, 1)
+    assert clustered["p_clusters"] == 1.0 and clustered["a_better"] == 4

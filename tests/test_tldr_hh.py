@@ -41,8 +41,11 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     temperatures = set(scale.temperatures)
     base = "two_shot" if task == "hh" else "base"
     assert {r["temperature"] for r in rows if r["method"] == base} == (temperatures if task == "hh" else {0.0})
-    for method in ("sft" if task == "tldr" else "preferred_ft", "dpo"):
+    for method in ("sft" if task == "tldr" else "preferred_ft", "dpo", "ppo"):
         assert {r["temperature"] for r in rows if r["method"] == method} == temperatures
+    # TL;DR's Preferred-FT (HH's reference is Preferred-FT already)
+    assert {r["temperature"] for r in rows if r["method"] == "preferred_ft" and r["step"] == (
+        scale.preferred_ft_steps if task == "tldr" else 0)} == temperatures
     best = [r for r in rows if r["method"] == "best_of_n"]
     assert {r["temperature"] for r in best} == temperatures - {0.0} and {r["best_of"] for r in best} == {4}
     # DPO's win rate along training, at every temperature (Fig. 3 right)
@@ -51,7 +54,8 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     assert (tmp_path / "win_rates.png").stat().st_size > 10_000
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["beta"] == (0.5 if task == "tldr" else 0.1) and summary["sft_loss"][1] < summary["sft_loss"][0]
-    assert 0 <= summary["reward_model_heldout_accuracy"] <= 1
+    assert 0 <= summary["reward_model_heldout_accuracy"] <= 1 and summary["reward_model"]["steps"] > 0
+    assert [h["iteration"] for h in summary["ppo_history"]] == list(range(1, scale.ppo_iterations + 1))
     # the judge-agreement table: the run's judge and the length-only baseline, on the task's held-out labelled pairs
     table = summary["judge_agreement"]
     assert set(table) == {"judge", "longer response wins"}
@@ -71,15 +75,18 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     # what judged the run, and no machine's folders in the summary
     assert summary["judge_record"]["class"] == "ProxyJudge" and summary["judge_record"]["model"].startswith("tiny")
     assert not any(isinstance(v, str) and os.path.isabs(v) for v in summary["config"].values()), summary["config"]
-    # one model trained in place; the only copies: the offline judge's, and DPO's reference while it precomputes
-    # (before: also a copy for SFT and one for DPO's policy, four in all)
-    assert len(copies) <= 2, copies
+    # one model trained in place from base to SFT to DPO; copies only for what needs its own weights: the offline
+    # judge, the reward model's transformer, the baselines' policies (TL;DR Preferred-FT, PPO), each dropped after it
+    # is measured, and DPO's reference while it precomputes
+    model = type(tldr_hh.load_base(scale, torch.device("cpu"))[0]).__name__
+    baselines = [model, model] if task == "tldr" else [model]
+    assert copies == [model, "GPTNeoXModel", *baselines, model], copies
     out = capsys.readouterr().out
     assert out.index("memory estimate per stage") < out.index("SFT: loss")
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
-    if task == "hh":
+    if task == "hh":  # every policy's response ends where it would start the next turn
         assert all(tldr_hh.is_single_turn(s["prompt"]) for s in samples)
-        assert all("\n\nHuman" not in s["response"] for s in samples if s["method"] == "two_shot")
+        assert all("\n\nHuman" not in s["response"] and "\n\nAssistant" not in s["response"] for s in samples)
 
 
 def test_hh_test_prompts_are_single_turn_and_never_trained_on():
@@ -135,7 +142,7 @@ def test_tldr_fine_tunes_on_human_summaries_and_is_judged_against_the_test_refer
         (r["prompt"], " " + r["label"]) for r in test_rows)
     assert len(data.train) == 96  # the preference pairs stay the comparisons
     results = tldr_hh.run("tldr", "smoke", out=str(tmp_path / "run"), sft_steps=2, dpo_steps=2, eval_every=0,
-                          best_of_n=0, **overrides)
+                          best_of_n=0, ppo_iterations=0, preferred_ft_steps=0, **overrides)
     methods = {json.loads(line)["method"] for line in open(results)}
     assert methods == {"base", "sft", "dpo"}  # the reference policy is SFT, not Preferred-FT
     baselines = {json.loads(line)["baseline"] for line in open(tmp_path / "run" / "samples.jsonl")}
@@ -222,3 +229,53 @@ def test_agreement_pairs_are_held_out_from_every_policy_and_the_judge():
     trained = {r["prompt"] for r in data.train + data.judge} | {r["prompt"] for r in data.sft}
     assert not trained & {r["prompt"] for r in data.agreement}
     assert data.agreement == tldr_hh.load_data(scale, seed=0).agreement  # seeded
+
+
+def test_best_of_n_and_ppo_use_a_trained_reward_model_that_is_not_the_judge(monkeypatch, tmp_path):
+    """Best-of-N and PPO optimise the learned reward model (the reference's transformer + a scalar head, trained on
+    the training pairs with Eq. 2), never the judge (a linear probe on the frozen base model, fitted on other pairs):
+    a policy tuned against the judge itself would win by construction."""
+    from minidpo.reward_model import RewardModel
+    seen = {}
+    real_best_of_n, real_ppo, real_judge = tldr_hh.best_of_n, tldr_hh.ppo_train, tldr_hh.make_judge
+
+    def spy_best_of_n(*args, **kwargs):
+        seen["best_of_n"] = args[6]  # the reward the candidates are ranked by
+        return real_best_of_n(*args, **kwargs)
+
+    def spy_ppo(policy, reference, tokenizer, prompts, score_fn, config, **kwargs):
+        seen["ppo_score"], seen["ppo_prompts"] = score_fn, prompts
+        return real_ppo(policy, reference, tokenizer, prompts, score_fn, config, **kwargs)
+
+    def spy_judge(*args, **kwargs):
+        seen["judge"] = real_judge(*args, **kwargs)
+        return seen["judge"]
+
+    monkeypatch.setattr(tldr_hh, "best_of_n", spy_best_of_n)
+    monkeypatch.setattr(tldr_hh, "ppo_train", spy_ppo)
+    monkeypatch.setattr(tldr_hh, "make_judge", spy_judge)
+    tldr_hh.run("hh", "smoke", out=str(tmp_path), dpo_steps=1, eval_every=0, temperatures=(1.0,))
+    reward = seen["best_of_n"].__self__
+    assert isinstance(reward, RewardModel) and not isinstance(seen["judge"].judge, RewardModel)
+    judge_weights = {id(p) for p in seen["judge"].judge.model.parameters()}
+    assert not judge_weights & {id(p) for p in reward.parameters()}
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["reward_model"]["pairs"]["train"] > summary["reward_model"]["pairs"]["test"] > 0
+    data = tldr_hh.load_data(tldr_hh.scales("hh")["smoke"], 0)
+    assert set(seen["ppo_prompts"]) == {r["prompt"] for r in data.train}  # never the judge's or the test prompts
+    # PPO's rollouts are scored as they are judged: cut at the next turn
+    prompt = data.train[0]["prompt"]
+    whole, cut = seen["ppo_score"]([{"prompt": prompt, "completion": c} for c in (
+        " Soak the beans.\n\nHuman: and then?\n\nAssistant: Cook them.", " Soak the beans.")])
+    assert whole == pytest.approx(cut, abs=1e-5)
+
+
+def test_paper_scale_trains_one_epoch_and_answers_in_256_tokens():
+    """The authors run SFT and DPO for one epoch; the steps follow from the data, not a fixed count."""
+    paper = tldr_hh.scales("hh")["paper"]
+    assert paper.new_tokens == 256 and paper.sft_steps == paper.dpo_steps == 0 and paper.best_of_n == 128
+    data = tldr_hh.Data(train=[{}] * 130, judge=[], test=[], sft=[{}] * 64)
+    epoch = tldr_hh.one_epoch(paper, data)
+    assert (epoch.sft_steps, epoch.dpo_steps) == (1, 3)  # 64 / 64; 130 / 64 with a short last batch
+    laptop = tldr_hh.scales("hh")["laptop"]
+    assert tldr_hh.one_epoch(laptop, data) == laptop  # fixed step counts stay

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 COLORS = {"dpo": "C3", "dpo+nll": "C1", "preferred_ft": "C2", "unlikelihood": "C4", "ppo": "C0", "ppo_gt": "C9",
-          "best_of_n": "C7", "reference": "k", "sft": "C2", "two_shot": "C8", "base": "C8"}
+          "best_of_n": "C7", "reference": "k", "sft": "C5", "two_shot": "C8", "base": "C8"}
 LABELS = {"dpo": "DPO", "dpo+nll": "DPO + NLL (rpo_alpha)", "preferred_ft": "Preferred-FT",
           "unlikelihood": "Unlikelihood", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT", "best_of_n": "Best-of-N",
           "reference": "reference", "sft": "SFT", "two_shot": "base model, 2-shot", "base": "base model, zero-shot"}
@@ -176,8 +176,9 @@ def plot_win_rates(results_path, figure_path=None, title="win rate", baseline="t
     baseline names what every response is judged against (the y-axis). Returns the path if saved, else the figure."""
     plt = _pyplot()
     rows = read_jsonl(results_path)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
         final = {}
         for r in rows:
             if r["method"] == method:
@@ -186,11 +187,12 @@ def plot_win_rates(results_path, figure_path=None, title="win rate", baseline="t
         rates = [final[t]["win_rate"] for t in ts]
         errors = [[final[t]["win_rate"] - final[t]["low"] for t in ts],
                   [final[t]["high"] - final[t]["win_rate"] for t in ts]]
-        left.errorbar(ts, rates, yerr=errors, marker="o", capsize=3, label=LABELS.get(method, method),
-                      color=COLORS.get(method))
+        offset = 0.012 * (i - (len(methods) - 1) / 2)  # side by side, so that no interval hides another
+        left.errorbar([t + offset for t in ts], rates, yerr=errors, marker="o", capsize=3,
+                      label=LABELS.get(method, method), color=COLORS.get(method))
     left.axhline(0.5, color="grey", ls=":", lw=1)
     left.set(title="by sampling temperature", xlabel="sampling temperature", ylabel=f"win rate vs {baseline}")
-    left.legend(fontsize=9)
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)  # below, clear of the data
     reference = next((m for m in ("sft", "preferred_ft") if any(r["method"] == m for r in rows)), None)
     temperatures = sorted({r["temperature"] for r in rows if r["method"] == "dpo"})
     shades = plt.cm.Reds([0.45 + 0.55 * i / max(1, len(temperatures) - 1) for i in range(len(temperatures))])
@@ -206,7 +208,7 @@ def plot_win_rates(results_path, figure_path=None, title="win rate", baseline="t
     right.set(title="DPO over training, per sampling temperature", xlabel=f"DPO step{origin}",
               ylabel=f"win rate vs {baseline}")
     if temperatures:
-        right.legend(fontsize=9)
+        right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(temperatures))
     fig.suptitle(title)
     fig.tight_layout()
     if figure_path is None:

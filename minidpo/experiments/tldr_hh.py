@@ -31,6 +31,7 @@ before the run starts; the paper scale uses bf16 autocast, gradient accumulation
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -46,7 +47,6 @@ from ..bundled import bundled_path
 from ..dpo import frozen_copy, uses_bf16
 from ..judges import (
     ApiJudge,
-    FeatureRewardModel,
     GuardedJudge,
     LongerJudge,
     ProxyJudge,
@@ -58,6 +58,8 @@ from ..judges import (
     win_rate,
 )
 from ..models import freeze_all_but_top, load_model
+from ..ppo import PPOConfig, ppo_train
+from ..reward_model import RewardModelConfig, train_reward_model
 from ..sampling import generate
 from ..sft import autocast_for, checkpointing, sft_train
 
@@ -74,8 +76,8 @@ class Scale:
     judge_pairs: int  # pairs for the offline judge only
     test_prompts: int  # prompts the win rates are measured on: a seeded sample
     new_tokens: int  # max new tokens per response
-    sft_steps: int
-    dpo_steps: int
+    sft_steps: int  # 0: one epoch over the SFT records (the paper's)
+    dpo_steps: int  # 0: one epoch over the training pairs (the paper's)
     batch_size: int  # sequences (SFT) or pairs (DPO) per optimizer step
     lr: float  # learning rate for SFT (AdamW) and DPO
     eval_every: int = 0  # DPO steps between win-rate checkpoints (HH's Fig. 3 right); 0: only the end
@@ -90,7 +92,15 @@ class Scale:
     sft_test_dataset: str = ""  # a file of held-out SFT data (tldr_sft_test.jsonl), when no sft_test_split
     single_turn: bool = False  # evaluate on single-turn dialogues only (HH, as the paper's Fig. 3)
     best_of_n: int = 0  # N of the Best-of-N baseline (0: none)
-    reward_pairs: int = 0  # training pairs Best-of-N's reward model is fitted on (0: all)
+    best_of_n_temperatures: tuple = ()  # where Best-of-N is sampled (): every temperature above 0 (greedy decoding
+    # gives N identical samples)
+    reward_pairs: int = 0  # training pairs the learned reward model (Best-of-N's, PPO's) is fitted on (0: all)
+    reward_epochs: int = 3  # the reward model's passes over them (the paper: 3, the best validation checkpoint)
+    reward_batch: int = 16  # pairs per reward-model step
+    ppo_iterations: int = 0  # PPO with the learned reward model: rollout + update rounds (0: no PPO)
+    ppo_rollouts: int = 16  # prompts sampled per PPO iteration
+    ppo_target_kl: float = 6.0  # the adaptive KL controller's target, nats per sequence
+    preferred_ft_steps: int = 0  # TL;DR's Preferred-FT: steps of SFT on the chosen summaries, from the SFT model
     grad_accum: int = 1  # micro-batches per optimizer step, SFT and DPO
     dtype: str = "auto"  # auto (bf16 autocast on a GPU) | fp32 | bf16
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward
@@ -121,19 +131,24 @@ def scales(task):
         "smoke": Scale(model="tiny", **data, train_pairs=96, judge_pairs=64,
                        test_prompts=16, new_tokens=16, sft_steps=6, dpo_steps=6, batch_size=8, lr=3e-3, eval_every=3,
                        max_length=448, max_prompt_length=384, temperatures=(0.0, 0.5, 1.0), single_turn=single_turn,
-                       best_of_n=4),
+                       best_of_n=4, reward_epochs=1, ppo_iterations=2, ppo_rollouts=8,
+                       preferred_ft_steps=3 if task == "tldr" else 0),
         "laptop": Scale(model="smollm2", **data, train_pairs=128, judge_pairs=64,
                         test_prompts=32, new_tokens=32, sft_steps=24, dpo_steps=32, batch_size=8, lr=2e-5,
-                        eval_every=16, max_length=192, max_prompt_length=144, train_layers=8,
-                        # HH's figure is by method and over training: three temperatures save time (HH: 16 min, 2 cores)
+                        # ≤ 30 min alone on 2 cores: TL;DR's figure is by temperature (five, DPO measured at its end,
+                        # Best-of-8 at two), HH's by method and over training (three temperatures, DPO every 16 steps)
+                        eval_every=16 if task == "hh" else 0, max_length=192, max_prompt_length=144, train_layers=8,
                         temperatures=TEMPERATURES if task == "tldr" else (0.0, 0.5, 1.0), single_turn=single_turn,
-                        best_of_n=8),
+                        best_of_n=8, best_of_n_temperatures=(0.5, 1.0), ppo_iterations=8, sample_batch=64,
+                        preferred_ft_steps=24 if task == "tldr" else 0),
         # One GPU (see memory_estimate): bf16 autocast, micro-batches of 8 (SFT) / 8 pairs (DPO), gradient
-        # checkpointing, the paper's RMSprop with 150 warmup steps for DPO. Best-of-16 (the paper: 128, 8x the cost).
+        # checkpointing, the paper's RMSprop with 150 warmup steps for DPO; the paper's Best-of-128. PPO: 12,800
+        # episodes (the paper does not state PPO's budget), not yet timed on a GPU.
         "paper": Scale(model="EleutherAI/pythia-2.8b", **paper_data, train_pairs=0, judge_pairs=2000, test_prompts=256,
-                       new_tokens=128, sft_steps=2000, dpo_steps=1500, batch_size=64, lr=1e-6, eval_every=300,
-                       single_turn=single_turn, best_of_n=16, reward_pairs=8192, grad_accum=8,
-                       gradient_checkpointing=True, optimizer="rmsprop", warmup_steps=150),
+                       new_tokens=256, sft_steps=0, dpo_steps=0, batch_size=64, lr=1e-6, eval_every=300,
+                       single_turn=single_turn, best_of_n=128, reward_pairs=8192, grad_accum=8,
+                       gradient_checkpointing=True, optimizer="rmsprop", warmup_steps=150, ppo_iterations=200,
+                       ppo_rollouts=64, preferred_ft_steps=500 if task == "tldr" else 0),
     }
 
 
@@ -239,6 +254,14 @@ def split_data(scale, seed):
     return data.train, data.judge, data.test
 
 
+def one_epoch(scale, data):
+    """The scale with sft_steps / dpo_steps of 0 made one pass over the SFT records / training pairs, as the
+    paper trains (the batch size divides the records; the last batch may be short)."""
+    epoch = lambda records: -(-len(records) // scale.batch_size)  # noqa: E731  (ceiling division)
+    return dataclasses.replace(scale, sft_steps=scale.sft_steps or epoch(data.sft),
+                               dpo_steps=scale.dpo_steps or epoch(data.train))
+
+
 def make_judge(kind, task, base, tokenizer, judge_records, out, prompt="standard", bf16=False, device="cpu"):
     """The judge: "proxy" (offline, on a frozen bf16/fp32 copy of the base model: the only copy a run
     makes), "api" (the paper's GPT-4 prompt; TL;DR's standard (S) or concise (C)) or a reward model name; each
@@ -254,14 +277,16 @@ def make_judge(kind, task, base, tokenizer, judge_records, out, prompt="standard
     return GuardedJudge(RewardModelJudge(kind, device=device))
 
 
-def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, seed=0, batch_size=32):
+def best_of_n(policy, tokenizer, prompts, n, new_tokens, temperature, reward, seed=0, batch_size=32, cut=None):
     """Best-of-N (the paper's Best-of-128): n samples of the policy per prompt, the one reward(prompts,
     responses) -> scores ranks highest, an empty response only if all are (a reward model fitted on pairs
-    never saw one). Returns (the best response per prompt, every prompt's n candidates, their scores)."""
+    never saw one). cut(responses) -> responses as they are judged (HH: up to the next turn), before scoring.
+    Returns (the best response per prompt, every prompt's n candidates, their scores)."""
     repeated = [p for p in prompts for _ in range(n)]
     samples = generate(policy, tokenizer, repeated, new_tokens, temperature=temperature, batch_size=batch_size,
                        seed=seed)
     responses = [s["completion"] for s in samples]
+    responses = cut(responses) if cut is not None else responses
     scores = reward(repeated, responses)
     candidates = [responses[i * n:(i + 1) * n] for i in range(len(prompts))]
     candidate_scores = [scores[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -291,6 +316,15 @@ def memory_estimate(scale, judge="proxy", config=None, device_type="cuda"):
         "DPO": dpo_training,
         "DPO, sampling along": {**sampling, "optimizer": dpo_training["optimizer"]},
     }
+    if scale.best_of_n or scale.ppo_iterations:  # the reference stays while its reward model trains
+        reward = memory.training(shape, 2 * scale.reward_batch, scale.max_length, bf16, scale.gradient_checkpointing,
+                                 "adamw")
+        stages["reward model"] = {**reward, "logits": 0, "reference": shape.params * memory.FP32}  # a scalar head
+    if scale.ppo_iterations:  # PPO's policy trains beside the reference (its KL) and the reward model (its score)
+        ppo = memory.training(shape, PPOConfig().minibatch, scale.max_prompt_length + scale.new_tokens, bf16,
+                              scale.gradient_checkpointing, "adamw")
+        stages["PPO"] = {**ppo, "reference": shape.params * memory.FP32,
+                         "reward model": shape.params * (memory.BF16 if bf16 else memory.FP32)}
     return {stage: {**parts, **judge_copy} for stage, parts in stages.items()}
 
 
@@ -367,11 +401,15 @@ class WinRateRun:
     def say(self, message):
         print(f"[{time.time() - self.started:5.0f}s] {message}", flush=True)
 
+    def cut(self, responses):
+        """HH: every policy's response ends where it starts writing the next turn itself; TL;DR: unchanged."""
+        return [end_of_turn(r) for r in responses] if self.task == "hh" else responses
+
     def sample(self, policy, t, model_prompts=None):
         with self.autocast():
             samples = generate(policy, self.tokenizer, model_prompts or self.prompts, self.scale.new_tokens,
                                temperature=t, batch_size=self.scale.sample_batch, seed=self.seed + 17)
-        return [s["completion"] for s in samples]
+        return self.cut([s["completion"] for s in samples])
 
     def record(self, method, step, t, responses, **extra):
         """Judge the responses against the references; append the win rate and every verdict."""
@@ -415,13 +453,19 @@ def run(task, scale_name="smoke", out=None, seed=0, judge="proxy", device=None, 
                                started)
     if task == "hh":  # 1. The base model's baseline: TL;DR zero-shot; HH the paper's 2-shot prompting.
         for t in scale.temperatures:
-            experiment.record("two_shot", 0, t, [end_of_turn(r) for r in experiment.sample(
-                base, t, [two_shot_prompt(p) for p in experiment.prompts])])
+            experiment.record("two_shot", 0, t, experiment.sample(base, t, [two_shot_prompt(p) for p in
+                                                                              experiment.prompts]))
     else:
         experiment.measure(base, "base", 0, (0.0,))
     policy = train_reference(experiment, base, data)
+    reward = fit_reward_model(experiment, policy, data) if scale.best_of_n or scale.ppo_iterations else None
     if scale.best_of_n:
-        measure_best_of_n(experiment, policy, data)
+        measure_best_of_n(experiment, policy, reward)
+    if scale.preferred_ft_steps:
+        train_preferred_ft(experiment, policy, data)
+    if scale.ppo_iterations:
+        train_ppo(experiment, policy, data, reward)
+    del reward
     train_dpo_along(experiment, policy, data, beta)
     return finish(experiment, scale_name)
 
@@ -434,8 +478,9 @@ def prepare(task, scale, scale_name, out, seed, judge, judge_prompt, beta, base,
     say = lambda msg: print(f"[{time.time() - started:5.0f}s] {msg}", flush=True)  # noqa: E731
     say(f"memory estimate per stage:\n{memory.format_estimate(estimate, budget)}")
     data = load_data(scale, seed)
+    scale = one_epoch(scale, data)
     say(f"{len(data.train)} training pairs, {len(data.sft)} SFT records, {len(data.judge)} judge pairs, "
-        f"{len(data.test)} test prompts")
+        f"{len(data.test)} test prompts; {scale.sft_steps} SFT steps, {scale.dpo_steps} DPO steps")
     bf16 = uses_bf16(scale.dtype, device.type)
     judge_fn = make_judge(judge, task, base, tokenizer, data.judge, out, judge_prompt, bf16, device)
     summary = {"task": task, "scale": scale_name, "beta": beta, "seed": seed,
@@ -475,18 +520,76 @@ def train_reference(experiment, base, data):
     return policy
 
 
-def measure_best_of_n(experiment, policy, data):
-    """3. Best-of-N over the reference, ranked by a reward model fitted on the training pairs."""
+def fit_reward_model(experiment, policy, data):
+    """The learned reward model of Best-of-N and PPO (Eq. 2): the reference policy's transformer with a scalar
+    head, trained on the training pairs for reward_epochs, its best validation checkpoint kept; its accuracy on
+    pairs of held-out prompts reported. Not the judge: the offline judge is a linear probe on the frozen base model,
+    fitted on pairs no policy or reward model sees. Returns the reward_model.RewardModel."""
     scale = experiment.scale
+    config = RewardModelConfig(epochs=scale.reward_epochs, batch_size=scale.reward_batch, lr=scale.lr,
+                               train_layers=scale.train_layers, max_length=scale.max_length,
+                               gradient_checkpointing=scale.gradient_checkpointing, seed=experiment.seed)
     with experiment.autocast():
-        reward = FeatureRewardModel(policy, experiment.tokenizer, data.train[:scale.reward_pairs or None])
-    experiment.summary["reward_model_heldout_accuracy"] = reward.accuracy
-    experiment.say(f"Best-of-{scale.best_of_n} reward model: held-out pair accuracy {reward.accuracy:.3f}")
-    for t in [t for t in scale.temperatures if t > 0]:  # greedy decoding gives N identical samples
+        reward, report = train_reward_model(policy, experiment.tokenizer, data.train[:scale.reward_pairs or None],
+                                            config)
+    if uses_bf16(scale.dtype, policy.device.type):  # from here on it only scores: its transformer in bf16
+        reward.body.to(torch.bfloat16)
+    experiment.summary["reward_model_heldout_accuracy"] = report["test_accuracy"]
+    experiment.summary["reward_model"] = report
+    experiment.say(f"reward model (kept step {report['step']} of {report['steps']}): validation accuracy "
+                   f"{report['val_accuracy']:.3f}, held-out pair accuracy {report['test_accuracy']:.3f} on "
+                   f"{report['pairs']['test']} pairs")
+    return reward
+
+
+def measure_best_of_n(experiment, policy, reward):
+    """3. Best-of-N over the reference, ranked by the learned reward model."""
+    scale = experiment.scale
+    for t in scale.best_of_n_temperatures or [t for t in scale.temperatures if t > 0]:
         with experiment.autocast():
             best, _, _ = best_of_n(policy, experiment.tokenizer, experiment.prompts, scale.best_of_n,
-                                   scale.new_tokens, t, reward.score, experiment.seed + 17, scale.sample_batch)
+                                   scale.new_tokens, t, reward.score, experiment.seed + 17, scale.sample_batch,
+                                   cut=experiment.cut)
         experiment.record("best_of_n", 0, t, best, best_of=scale.best_of_n)
+
+
+def train_preferred_ft(experiment, policy, data):
+    """TL;DR's Preferred-FT: a copy of the SFT model fine-tuned on the chosen summaries of the training pairs,
+    measured at every temperature, then dropped."""
+    scale = experiment.scale
+    preferred = copy.deepcopy(policy)
+    with checkpointing(preferred, scale.gradient_checkpointing):
+        losses = sft_train(preferred, experiment.tokenizer, [{"prompt": r["prompt"], "response": r["chosen"]}
+                                                             for r in data.train],
+                           steps=scale.preferred_ft_steps, batch_size=scale.batch_size, lr=scale.lr,
+                           max_length=scale.max_length, seed=experiment.seed, max_prompt_length=scale.max_prompt_length,
+                           grad_accum=scale.grad_accum, dtype=scale.dtype)
+    experiment.say(f"Preferred-FT: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    experiment.summary["preferred_ft_loss"] = [losses[0], losses[-1]]
+    preferred.eval()
+    experiment.measure(preferred, "preferred_ft", scale.preferred_ft_steps, scale.temperatures)
+
+
+def train_ppo(experiment, policy, data, reward):
+    """PPO (the paper's RLHF baseline): a copy of the reference trained on the training prompts against the learned
+    reward model, with the KL penalty to the reference (the model `policy` itself, read without gradients); measured at
+    every temperature, then dropped. HH's rollouts are scored as they are judged: cut at the next turn."""
+    scale = experiment.scale
+    prompts = list(dict.fromkeys(r["prompt"] for r in data.train))
+    config = PPOConfig(iterations=scale.ppo_iterations, rollouts=scale.ppo_rollouts, max_new_tokens=scale.new_tokens,
+                       lr=scale.lr, target_kl=scale.ppo_target_kl, seed=experiment.seed)
+
+    def score(samples):
+        return reward.score([s["prompt"] for s in samples], experiment.cut([s["completion"] for s in samples]))
+
+    trained = copy.deepcopy(policy)
+    log = lambda row: experiment.say(f"PPO iteration {row['iteration']}: reward {row['score']:+.3f}, "  # noqa: E731
+                                     f"sampled KL {row['kl']:.2f}, kl_coef {row['kl_coef']:.4f}")
+    with experiment.autocast(), checkpointing(trained, scale.gradient_checkpointing):
+        history = ppo_train(trained, policy, experiment.tokenizer, prompts, score, config, log=log)
+    experiment.summary["ppo_history"] = history
+    trained.eval()
+    experiment.measure(trained, "ppo", scale.ppo_iterations, scale.temperatures)
 
 
 def train_dpo_along(experiment, policy, data, beta):
@@ -519,7 +622,9 @@ def finish(experiment, scale_name):
     tldr = experiment.task == "tldr"
     figure = plot_win_rates(experiment.results_path, os.path.join(experiment.out, "win_rates.png"),
                             title=f"{'TL;DR summarization' if tldr else 'Anthropic HH dialogue'}, "
-                                  f"{scale_name} scale: win rate vs the test set's reference",
+                                  f"{scale_name} scale: win rate vs the test set's reference on "
+                                  f"{len(experiment.prompts)} prompts, judged by "
+                                  f"{type(experiment.judge_fn.judge).__name__} behind the degenerate-response rule",
                             baseline="the human-written summary" if tldr else "the chosen response")
     experiment.say(f"results: {experiment.results_path}\nfigure: {figure}")
     return experiment.results_path
