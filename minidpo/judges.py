@@ -355,12 +355,15 @@ CHARACTER_RUN = 8  # one character this many times in a row ("1000000000") is a 
 # A copy of the prompt: 90% of the response's word 4-grams are the prompt's, over 20+ words or half the prompt (a
 # shorter extract, one sentence of a long post, can be a fair summary: a labelled chosen one in the bundled set is).
 PROMPT_COPY_SHARE, PROMPT_COPY_WORDS = 0.9, 20
+NO_WORDS_TOKENS = 4  # this many numbers and not one word of 2+ letters ("25F, 2018, 2019, 2020, 20") is no answer;
+# fewer ("42", "12 x 12 = 144") can be one
 
 
 def degenerate(prompt, response):
     """Why a response cannot be judged on its content, or None: "empty" (nothing, or only whitespace), "loop" (a
-    share of repeated word bigrams above LOOP_BIGRAM_SHARE, or one character CHARACTER_RUN times in a row), "prompt
-    copy" (PROMPT_COPY_SHARE of its word 4-grams the prompt's, over PROMPT_COPY_WORDS words or half the prompt's).
+    share of repeated word bigrams above LOOP_BIGRAM_SHARE, or one character CHARACTER_RUN times in a row), "no words"
+    (NO_WORDS_TOKENS or more numbers and no word of two letters: a list of numbers), "prompt copy" (PROMPT_COPY_SHARE of
+    its word 4-grams the prompt's, over PROMPT_COPY_WORDS words or half the prompt's).
     Learned judges have never seen such texts in a preference pair and can score them anywhere; every judge path
     applies this rule first (GuardedJudge)."""
     text = response.strip()
@@ -369,6 +372,8 @@ def degenerate(prompt, response):
     if repeated_bigrams(text) > LOOP_BIGRAM_SHARE or re.search(rf"(\S)\1{{{CHARACTER_RUN - 1},}}", text):
         return "loop"
     words, prompt_words = text.lower().split(), prompt.lower().split()
+    if sum(any(c.isdigit() for c in w) for w in words) >= NO_WORDS_TOKENS and not re.search(r"[^\W\d_]{2}", text):
+        return "no words"
     grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
     prompt_grams = {tuple(prompt_words[i:i + 4]) for i in range(len(prompt_words) - 3)}
     long_enough = len(words) >= min(PROMPT_COPY_WORDS, max(4, len(prompt_words) / 2))

@@ -271,7 +271,10 @@ def test_degenerate_names_the_papers_failure_modes_and_passes_fair_responses():
     assert [degenerate(POST, text) for text in LOOPS] == ["loop", "loop", "loop"]
     assert degenerate(POST, COPY) == "prompt copy"
     assert degenerate(POST, "  \n") == "empty"
+    # a list of numbers (the TL;DR laptop run's SFT, Preferred-FT and DPO wrote this one, and the judge preferred it)
+    assert degenerate(POST, " 25F, 2018, 2019, 2020, 2021, 20") == "no words"
     fair = [REFERENCE, " Partner and I fight over dinner bills every weekend.", " No.", " Split it 50/50, talk calmly.",
+            " 42", " 12 x 12 = 144", " Él va a Perú.",
             " It depends on your budget, but most couples split costs in proportion to income.", EXTRACT]
     assert [degenerate(POST, text) for text in fair] == [None] * len(fair)
 

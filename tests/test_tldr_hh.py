@@ -65,7 +65,7 @@ def test_smoke_experiment_writes_every_method_and_temperature(tmp_path, task, mo
     # the degenerate-response rule: measured on probes, applied to every verdict, counted per row
     probes = summary["degenerate_probes"]
     assert probes["judge behind the rule"]["loop"] == 0.0 and probes["judge behind the rule"]["prompt copy"] == 0.0
-    assert all(set(r["ruled_degenerate"]) <= {"empty", "loop", "prompt copy"} for r in rows)
+    assert all(set(r["ruled_degenerate"]) <= {"empty", "loop", "no words", "prompt copy"} for r in rows)
     # intervals count the posts / tasks the test prompts come from, not the prompts
     clusters = {tldr_hh.cluster_of(r["prompt"]) for r in tldr_hh.load_data(scale, 0).test}
     assert all(r["n_effective"] <= r["n"] for r in rows) and 1 < len(clusters) < scale.test_prompts
