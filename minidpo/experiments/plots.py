@@ -196,11 +196,13 @@ def plot_win_rates(results_path, figure_path=None, title="win rate", baseline="t
     reference = next((m for m in ("sft", "preferred_ft") if any(r["method"] == m for r in rows)), None)
     temperatures = sorted({r["temperature"] for r in rows if r["method"] == "dpo"})
     shades = plt.cm.Reds([0.45 + 0.55 * i / max(1, len(temperatures) - 1) for i in range(len(temperatures))])
-    for t, shade in zip(temperatures, shades):
+    last_step = max([r["step"] for r in rows if r["method"] == "dpo"] or [1])
+    for i, (t, shade) in enumerate(zip(temperatures, shades)):
         start = [r for r in rows if r["method"] == reference and r["temperature"] == t and r["step"] == 0][:1]
         series = start + sorted((r for r in rows if r["method"] == "dpo" and r["temperature"] == t),
                                 key=lambda r: r["step"])
-        right.errorbar([r["step"] for r in series], [r["win_rate"] for r in series],
+        offset = 0.012 * last_step * (i - (len(temperatures) - 1) / 2)  # side by side, as on the left
+        right.errorbar([r["step"] + offset for r in series], [r["win_rate"] for r in series],
                        yerr=[[r["win_rate"] - r["low"] for r in series], [r["high"] - r["win_rate"] for r in series]],
                        marker="o", capsize=3, color=shade, label=f"T = {t:g}")
     right.axhline(0.5, color="grey", ls=":", lw=1)

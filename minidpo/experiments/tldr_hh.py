@@ -5,26 +5,32 @@
     python -m minidpo.experiments.hh --scale paper --memory    # the memory estimate per stage, then exit
 
 1. the base model's baseline: TL;DR zero-shot (the prompt ends in "TL;DR:"); HH the paper's 2-shot
-   prompting (TWO_SHOT: two example dialogues before the prompt, the answer cut at the next turn);
+   prompting (TWO_SHOT: two example dialogues before the prompt);
 2. the reference policy: TL;DR SFT on human-written summaries (CarperAI/openai_summarize_tldr at paper
-   scale; bundled tldr_sft.jsonl offline), HH
-   Preferred-FT on the chosen responses of every training record;
-3. Best-of-N: N samples of the reference per prompt, the one a Bradley-Terry reward model (Eq. 2)
-   fitted on the training pairs over the reference's features scores highest (the paper's Best-of-128);
-4. DPO from the reference with minidpo.runs.train (--beta; the paper's TL;DR 0.5, HH 0.1), its win rate along
+   scale; bundled tldr_sft.jsonl offline), HH Preferred-FT on the chosen responses of every training record;
+3. the learned reward model (Eq. 2): the reference's transformer with a scalar head, trained on the training pairs
+   (reward_model.py; 3 epochs, the best validation checkpoint), never the judge;
+4. Best-of-N: N samples of the reference per prompt, the one the reward model scores highest (the paper's
+   Best-of-128); TL;DR's Preferred-FT (a copy of the SFT model fine-tuned on the chosen summaries); PPO (ppo.py,
+   a copy of the reference against the reward model, with a KL penalty to the reference);
+5. DPO from the reference with minidpo.runs.train (--beta; the paper's TL;DR 0.5, HH 0.1), its win rate along
    training at every temperature (Fig. 3 right);
-5. sampling at temperatures 0 (greedy) to 1 on held-out prompts: a seeded sample of the test split (HH:
-   of its single-turn dialogues, as Fig. 3), or carved out of an offline set that has no test split;
-6. judging against the test prompt's reference: the SFT data's human summary (TL;DR) or the chosen
-   response (HH). The offline ProxyJudge by default (a Bradley-Terry reward model fitted on pairs no
-   policy trained on), an OpenAI-compatible GPT-4-style judge (--judge api, --judge_prompt standard or
-   concise for TL;DR) or a reward model (--judge <hf name>), checked first against held-out labels
-   and with the two responses swapped (judge_agreement, beside a length-only judge);
-7. win rates with Wilson intervals; results.jsonl, samples.jsonl, summary.json and the figure.
+6. sampling at temperatures 0 (greedy) to 1 on held-out prompts: a seeded sample of the test split (HH:
+   of its single-turn dialogues, as Fig. 3), or carved out of an offline set that has no test split; HH answers
+   of every policy cut where it starts the next turn itself;
+7. judging against the test prompt's reference: the SFT data's human summary (TL;DR) or the chosen
+   response (HH). The offline ProxyJudge by default (a Bradley-Terry linear probe on the frozen base model, fitted on
+   pairs no policy trained on), an OpenAI-compatible GPT-4-style judge (--judge api, --judge_prompt standard or
+   concise for TL;DR) or a reward model (--judge <hf name>); every one behind the degenerate-response rule
+   (judges.GuardedJudge: an empty answer, a loop, a list of numbers or a copy of the prompt loses), and checked first
+   against held-out labels, with the two responses swapped and on degenerate probes;
+8. win rates with intervals that count the posts / tasks the prompts come from, the degenerate share, the mean
+   length and (TL;DR) ROUGE-L beside each; results.jsonl, samples.jsonl, summary.json and the figure.
 
 Memory: one model trains in place from base to SFT to DPO (DPO's frozen reference lives only while its
-log-probs are precomputed); a frozen copy of the base model exists only for the offline judge. The
-estimate per stage (minidpo.memory: weights, gradients, optimizer state, activations) is printed
+log-probs are precomputed); copies only for what needs its own weights: the offline judge (the frozen base model),
+the reward model (bf16 once trained, on a GPU), and the Preferred-FT and PPO policies, each dropped once measured
+(PPO's reference is the model itself, read without gradients). The estimate per stage (minidpo.memory: weights, gradients, optimizer state, activations) is printed
 before the run starts; the paper scale uses bf16 autocast, gradient accumulation and checkpointing.
 """
 
@@ -148,7 +154,7 @@ def scales(task):
                        new_tokens=256, sft_steps=0, dpo_steps=0, batch_size=64, lr=1e-6, eval_every=300,
                        single_turn=single_turn, best_of_n=128, reward_pairs=8192, grad_accum=8,
                        gradient_checkpointing=True, optimizer="rmsprop", warmup_steps=150, ppo_iterations=200,
-                       ppo_rollouts=64, preferred_ft_steps=500 if task == "tldr" else 0),
+                       ppo_rollouts=64, preferred_ft_steps=500 if task == "tldr" else 0),  # Preferred-FT: not tuned
     }
 
 
