@@ -1,6 +1,7 @@
 """The sentiment experiment's pieces: prompts, pairs, the KL estimator, the reward models, the driver.
 PPO's tests are in test_ppo.py, the baselines' in test_baselines.py."""
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -152,6 +153,28 @@ def test_lm_reward_model_learns_the_pairs_and_keeps_its_best_validation_checkpoi
     assert (report["step"], report["val_accuracy"]) == (best["step"], best["val_accuracy"])
     assert (accuracy, loss) == pytest.approx((best["val_accuracy"], best["val_loss"]), rel=1e-5)
     assert model.score(["Review 0:"], [" aeiou"]) == model.score(["Review 0:"], [" aeiou"])  # eval mode, no grad
+
+
+def test_reward_model_gradient_checkpointing_changes_memory_not_results(monkeypatch):
+    lm, tokenizer, pairs = toy_pairs()
+    seen, real = [], reward_model.checkpointing
+
+    @contextlib.contextmanager
+    def spy(model, enabled=True):
+        with real(model, enabled):
+            seen.append(model.is_activation_checkpointing)
+            yield model
+
+    monkeypatch.setattr(reward_model, "checkpointing", spy)
+    config = RewardModelConfig(epochs=1, batch_size=16, lr=3e-3, eval_every=4, val_fraction=0.2, test_fraction=0.2)
+    plain, plain_report = train_reward_model(lm, tokenizer, pairs, config)
+    recomputed, report = train_reward_model(lm, tokenizer, pairs, dataclasses.replace(config,
+                                                                                      gradient_checkpointing=True))
+    assert seen == [False, True] and not recomputed.body.is_activation_checkpointing  # on while training only
+    assert [h["val_loss"] for h in report["history"]] == pytest.approx([h["val_loss"] for h in plain_report["history"]],
+                                                                       rel=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
 
 
 def test_a_response_cut_by_max_length_still_ends_in_eos_where_the_head_reads():

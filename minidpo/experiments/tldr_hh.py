@@ -30,8 +30,9 @@
 Memory: one model trains in place from base to SFT to DPO (DPO's frozen reference lives only while its
 log-probs are precomputed); copies only for what needs its own weights: the offline judge (the frozen base model),
 the reward model (bf16 once trained, on a GPU), and the Preferred-FT and PPO policies, each dropped once measured
-(PPO's reference is the model itself, read without gradients). The estimate per stage (minidpo.memory: weights, gradients, optimizer state, activations) is printed
-before the run starts; the paper scale uses bf16 autocast, gradient accumulation and checkpointing.
+(PPO's reference is the model itself, read without gradients). The estimate per stage (minidpo.memory: weights,
+gradients, optimizer state, activations) is printed before the run starts; the paper scale uses bf16 autocast,
+gradient accumulation and checkpointing.
 """
 
 from __future__ import annotations
