@@ -235,6 +235,7 @@ class FeatureRewardModel:
         self.reward = LinearRewardModel(chosen.shape[1]).fit(chosen[:cut], rejected[:cut], l2=l2)
         self.accuracy = self.reward.accuracy(chosen[cut:], rejected[cut:])
         self.reward.fit(chosen, rejected, l2=l2)  # then use every pair
+        self.scored = {}  # (prompt, response) -> its reward under the fitted head
 
     def features(self, prompts, responses):
         from .reward_model import completion_features
@@ -243,7 +244,13 @@ class FeatureRewardModel:
         return completion_features(self.model, samples, self.tokenizer.pad_token_id)
 
     def score(self, prompts, responses):
-        return self.reward(self.features(prompts, responses)).tolist()
+        """The reward of each (prompt, response), each distinct pair computed once per model: a run judges the
+        same references against every policy and temperature, and the probes share their chosen responses."""
+        new = list(dict.fromkeys(pair for pair in zip(prompts, responses) if pair not in self.scored))
+        if new:
+            rewards = self.reward(self.features([p for p, _ in new], [r for _, r in new])).tolist()
+            self.scored.update(zip(new, rewards))
+        return [self.scored[pair] for pair in zip(prompts, responses)]
 
 
 class ProxyJudge(FeatureRewardModel):

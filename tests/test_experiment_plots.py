@@ -98,7 +98,14 @@ def test_win_rates_draw_dpo_over_training_per_temperature_from_its_reference(tmp
     assert [t.get_text() for t in left.get_legend().get_texts()] == ["base model, zero-shot", "SFT", "DPO"]
     assert [t.get_text() for t in right.get_legend().get_texts()] == ["T = 0", "T = 1"]
     assert len(right.containers) == 2  # one error-bar series per temperature: its SFT point, then DPO's
+    # each series at its steps, shifted a little and apart from the others so that no interval hides another
+    offsets = []
     for series in right.containers:
-        assert list(series.lines[0].get_xdata()) == [0, 2, 4]
+        xs = list(series.lines[0].get_xdata())
+        assert [round(x) for x in xs] == [0, 2, 4] and len({round(x - step, 9) for x, step in zip(xs, (0, 2, 4))}) == 1
+        offsets.append(xs[0])
+    assert len(set(offsets)) == 2 and max(map(abs, offsets)) < 0.1
+    left_offsets = [series.lines[0].get_xdata()[0] for series in left.containers]
+    assert len(set(left_offsets)) == 3 and max(map(abs, left_offsets)) < 0.05  # base, SFT and DPO at T = 0
     assert "SFT" in right.get_xlabel() and right.get_ylabel() == left.get_ylabel() == "win rate vs the chosen response"
     plt.close(fig)

@@ -185,6 +185,21 @@ def test_proxy_judge_learns_held_out_preferences():
     assert proxy(["Q:"], [" sure, happy to help"], [" go away!!"]) == [1.0]
 
 
+def test_proxy_judge_scores_each_distinct_response_once_and_the_same_as_alone():
+    from minidpo.models import byte_tokenizer, tiny_gpt2
+    tokenizer = byte_tokenizer()
+    records = [{"prompt": f"Q{i}:", "chosen": f" yes, here is how {i}", "rejected": f" no {i}"} for i in range(16)]
+    proxy = ProxyJudge(tiny_gpt2(seed=0, n_embd=64).eval(), tokenizer, records)
+    prompts, responses = ["Q:", "Q:", "R:", "Q:"], [" a", " bb", " a", " a"]
+    computed, real = [], proxy.features
+    proxy.features = lambda ps, rs: computed.extend(zip(ps, rs)) or real(ps, rs)
+    scores = proxy.score(prompts, responses)
+    assert computed == [("Q:", " a"), ("Q:", " bb"), ("R:", " a")]  # the repeated pair once
+    assert proxy.score(["R:", "Q:"], [" a", " bb"]) == [scores[2], scores[1]] and len(computed) == 3  # then none
+    alone = [proxy.reward(real([p], [r])).item() for p, r in zip(prompts, responses)]  # oracle: one at a time
+    assert scores == pytest.approx(alone, abs=1e-5)
+
+
 def test_identical_responses_are_ties_for_score_judges():
     from minidpo.models import byte_tokenizer, tiny_gpt2
     tokenizer = byte_tokenizer()
