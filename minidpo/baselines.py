@@ -65,7 +65,8 @@ def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1
     The token-level variant uses per-token means, so that alpha weighs its two terms independently of
     length. callback(step, policy) runs before the first step and after each. optimizer (adamw | rmsprop) and
     warmup_steps as sft.fit's. Returns the per-step losses."""
-    from .dpo import collate, position_ids_from_mask, token_logps, tokenize_pair
+    from .data import tokenize_records
+    from .dpo import collate, position_ids_from_mask, token_logps
     from .sft import fit, sft_train
 
     if method not in BASELINES:
@@ -73,12 +74,13 @@ def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1
     torch.manual_seed(seed)
     disable_dropout(policy)  # as in DPO: the policy at step 0 is the reference exactly
     if method == "preferred_ft":
-        return sft_train(policy, tokenizer, [{"prompt": r["prompt"], "response": r["chosen"]} for r in records],
+        chosen = [{"prompt": r["prompt"], "response": r["chosen"], "truncated": r.get("chosen_truncated", False)}
+                  for r in records]
+        return sft_train(policy, tokenizer, chosen,
                          steps, batch_size, lr, max_length, seed=seed, callback=callback, optimizer=optimizer,
                          warmup_steps=warmup_steps)
     device = next(policy.parameters()).device
-    examples = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length, max_prompt_length)
-                for r in records]
+    examples, _ = tokenize_records(tokenizer, records, max_length, max_prompt_length, verbose=False)  # as DPO's
 
     def step_loss(idx):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}

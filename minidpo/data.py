@@ -296,7 +296,7 @@ def tokenize_records(tokenizer, records, max_length=512, max_prompt_length=256, 
         except ValueError as e:
             errors.append((record.get("_source", f"record {i}") if isinstance(record, dict) else f"record {i}", str(e)))
             continue
-        examples.append(example)
+        examples.append(drop_eos_of_truncated(example, record, tokenizer.eos_token_id))
         kept.append(i)
         cut["pairs"] += cuts["prompt"] or cuts["response"]
         cut["prompt"] += cuts["prompt"]
@@ -306,6 +306,17 @@ def tokenize_records(tokenizer, records, max_length=512, max_prompt_length=256, 
         print(f"truncated {cut['pairs']} of {len(examples)} pairs to max_length={max_length} "
               f"(prompt cut in {cut['prompt']}, response cut in {cut['response']})")
     return examples, kept
+
+
+def drop_eos_of_truncated(example, record, eos_token_id):
+    """A response that a sampler cut at its token budget did not end: a record marking it ("chosen_truncated" or
+    "rejected_truncated" true) gets no closing EOS on that side, so the policy is not taught to stop where the sampler
+    stopped (the authors' code and TRL append EOS only to the text a response has). Returns the example."""
+    for side in ("chosen", "rejected"):
+        if record.get(f"{side}_truncated") and example[f"{side}_input_ids"][-1] == eos_token_id:
+            example[f"{side}_input_ids"] = example[f"{side}_input_ids"][:-1]
+            example[f"{side}_labels"] = example[f"{side}_labels"][:-1]
+    return example
 
 
 def validate_preferences(records, skip_invalid=False):

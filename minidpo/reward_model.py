@@ -58,7 +58,9 @@ class RewardModel(torch.nn.Module):
 
     def encode(self, prompt, response):
         """Token ids of prompt + response + EOS (the reading of DPO's and SFT's examples). A response cut
-        by max_length still ends in EOS, in place of its last kept token: the head reads only EOS positions."""
+        by max_length still ends in EOS, in place of its last kept token: the head reads only EOS positions. So
+        does a response a sampler cut (a record's chosen_truncated): EOS is where the head reads, not a token the
+        reward model teaches, and PPO and Best-of-N score their samples the same way."""
         from .sft import tokenize_sft
         example = tokenize_sft(self.tokenizer, prompt, response, self.max_length)
         eos = self.tokenizer.eos_token_id

@@ -31,9 +31,10 @@ from .dpo import (
 )
 
 
-def tokenize_sft(tokenizer, prompt, response, max_length=512, max_prompt_length=None):
+def tokenize_sft(tokenizer, prompt, response, max_length=512, max_prompt_length=None, truncated=False):
     """input_ids and labels (lists) of prompt + response + EOS, the prompt masked. An empty prompt
     (plain language modelling, e.g. IMDb reviews) starts from EOS as GPT-2's document separator.
+    truncated: the response was cut by a sampler's token budget, so it gets no EOS (it did not end).
 
     Truncation keeps the response, as tokenize_pair does: if prompt + response is longer than
     max_length, only the last max_prompt_length prompt tokens are kept (default: half of max_length;
@@ -44,7 +45,7 @@ def tokenize_sft(tokenizer, prompt, response, max_length=512, max_prompt_length=
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     eos = tokenizer.eos_token_id
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [eos]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([] if truncated else [eos])
     if len(prompt_ids) + len(response_ids) > max_length:
         prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: it is what the response answers
     response_ids = response_ids[:max_length - len(prompt_ids)]
@@ -139,11 +140,13 @@ def fit(policy, num_examples, step_loss, steps, batch_size=8, lr=1e-5, seed=0, c
 def sft_train(policy, tokenizer, records, steps, batch_size=8, lr=1e-5, max_length=512, average=True, seed=0,
               callback=None, max_prompt_length=None, grad_accum=1, dtype="auto", gradient_checkpointing=False,
               optimizer="adamw", warmup_steps=0):
-    """Fine-tune `policy` in place on {"prompt", "response"} records. Returns the per-step losses.
+    """Fine-tune `policy` in place on {"prompt", "response"} records (with "truncated": true, a response cut by a
+    sampler's budget, taught without EOS: tokenize_sft). Returns the per-step losses.
     batch_size sequences per optimizer step, in grad_accum micro-batches; dtype auto (bf16 autocast
     on a GPU, fp32 on a CPU) | fp32 | bf16; under torchrun, DDP over the ranks (the same global batch)."""
     device = next(policy.parameters()).device
-    examples = [tokenize_sft(tokenizer, r["prompt"], r["response"], max_length, max_prompt_length) for r in records]
+    examples = [tokenize_sft(tokenizer, r["prompt"], r["response"], max_length, max_prompt_length,
+                             r.get("truncated", False)) for r in records]
     pad = ensure_pad_token(tokenizer).pad_token_id
     _, world_size, _ = setup_distributed()
     ddp_policy = None

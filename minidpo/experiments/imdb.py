@@ -2,7 +2,7 @@
 
     python -m minidpo.experiments.imdb --scale smoke        # tiny random GPT-2, toy reward: ~1 minute
     python -m minidpo.experiments.imdb --scale laptop       # SmolLM2-135M-Instruct + VADER, offline: ~30 min, 2 cores
-    python -m minidpo.experiments.imdb --scale laptop_long  # the same with 3 seeds, SE 0.02 per point: ~2.1 h, 2 cores
+    python -m minidpo.experiments.imdb --scale laptop_long  # DPO and PPO-GT at matched KL, 3 seeds: ~1.6 h, 2 cores
     python -m minidpo.experiments.imdb --scale gpu          # the same assets, paper-sized budgets, bf16: one H100
     python -m minidpo.experiments.imdb --scale paper        # gpt2-large SFT on IMDb + siebert classifier, on a GPU
     python -m minidpo.experiments.imdb --scale laptop --estimate   # the estimated time only
@@ -81,6 +81,10 @@ class Scale:
     best_of_picks: int = 1  # Best-of-N: picks (each the best of N candidates) per held-out prefix
     seeds: int = 1  # training seeds (seed, seed + 1, ...) of the methods in `seeded`; the others run once
     seeded: tuple[str, ...] = ("dpo", "ppo_gt", "ppo")
+    # The matched-KL design: of the seeded runs, only DPO at dpo_betas[0] and PPO-GT at ppo_targets[0] run `seeds`
+    # seeds, evaluated every eval_every steps / ppo_eval_every iterations along training (their trajectories are
+    # compared at the same KL: matched_kl); every other run runs once and is evaluated at its end.
+    matched: bool = False
     dtype: str = "fp32"  # fp32 | bf16 | auto (bf16 autocast on a GPU, fp32 on a CPU): dpo.uses_bf16
     sample_batch: int = 32  # prompts per generate() call (a GPU wants hundreds)
 
@@ -93,7 +97,7 @@ SCALES = {
     # The quick look, designed for ~29 min alone on 2 cores (estimate_seconds; printed at the start): the
     # paper's grids, one seed, top 4 blocks trained, one evaluation at the end of each run. 64 prefixes x 4
     # samples: 384 pairs (one epoch in 48 steps of 8). Held-out: 64 prefixes x 4 samples = 256 rewards per
-    # point, standard error ~0.03 for VADER's std 0.5 (not 0.02: that is laptop_long's); KL on one sample
+    # point, standard error ~0.03 for VADER's std 0.5; KL on one sample
     # per prefix. PPO's horizon is one rollout batch, so kl_coef can move x0.8 or x1.2 per iteration; at
     # lr 1e-4 PPO-GT reaches held-out KL ~0.9 in 8 iterations and 1.5 (target 0.5) or 2.3 (target 2) in 16
     # (measured; at 2e-5, 12 iterations stayed below KL 0.2 and both targets gave the same run).
@@ -103,17 +107,20 @@ SCALES = {
                     ppo=dict(iterations=16, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=16),
                     reward_model=dict(epochs=1, batch_size=8, lr=5e-5, train_layers=4, eval_every=24),
                     best_of=(4, 16), eval_samples=4, kl_samples=1),
-    # The evidence, designed for <= 3 h alone on 2 cores (~2.1 h by estimate_seconds): 3 seeds of DPO and
-    # PPO-GT, 134 prefixes x 4 samples (804 pairs, 1.3 epochs in 128 steps), the top 6 blocks trained, one
-    # evaluation per run, at its end (an evaluation costs ~1.4 min: two per run would add ~23 min). Held-out:
-    # 80 prefixes x 8 samples = 640 rewards per point, standard error 0.5 / sqrt(640) = 0.020.
+    # The evidence, the matched-KL design (matched), designed for ~95 min alone on 2 cores by estimate_seconds: DPO
+    # at beta 0.05 and PPO-GT at target 1 each with 3 seeds, evaluated along training (DPO every 32 steps, PPO-GT
+    # every 8 iterations) so that their KL ranges overlap and their rewards can be compared at the same KL; every
+    # other run once, evaluated at its end. 134 prefixes x 4 samples (~800 pairs, 1.3 epochs in 128 steps), the top
+    # 6 blocks trained. Held-out: 80 prefixes x 4 samples = 320 rewards per point (standard error ~0.03 each; the
+    # matched comparison pools 3 seeds: 960 per method), KL on one sample per prefix. Reward model: 3 epochs, the
+    # best validation checkpoint (the paper's).
     "laptop_long": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=24,
-                         steps=128, eval_every=128, ppo_eval_every=32, batch_size=8, lr=5e-5, train_layers=6,
+                         steps=128, eval_every=32, ppo_eval_every=8, batch_size=8, lr=5e-5, train_layers=6,
                          dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.1, 1.0), ppo_targets=(1.0, 4.0),
                          ppo=dict(iterations=32, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=32),
-                         reward_model=dict(epochs=2, batch_size=8, lr=5e-5, train_layers=6, eval_every=50),
-                         best_of=(4, 16), best_of_picks=2, eval_samples=8, kl_samples=1, seeds=3,
-                         seeded=("dpo", "ppo_gt")),
+                         reward_model=dict(epochs=3, batch_size=8, lr=5e-5, train_layers=6, eval_every=25),
+                         best_of=(4, 16), best_of_picks=1, eval_samples=4, kl_samples=1, seeds=3,
+                         seeded=("dpo", "ppo_gt"), matched=True),
     # The same offline assets with paper-sized budgets for one GPU (bf16 autocast), designed for ~15 min on an
     # H100 by estimate_seconds with ASSUMED H100 costs. A cut-down run timed on an H200 (docs/results/
     # gpu_h200_2026-11-26) found PPO ~3x slower than assumed: the whole preset ~30 min there. Not yet re-sized
@@ -165,39 +172,42 @@ def estimate_seconds(scale, methods=None, costs=LAPTOP_COSTS):
     pairs = scale.train_prompts * scale.samples * (scale.samples - 1) // 2
     evaluation = (scale.eval_prompts * scale.eval_samples * scale.new_tokens * c["sample_token"]
                   + scale.eval_prompts * (scale.kl_samples or scale.eval_samples) * scale.new_tokens * c["kl_token"])
-    evals = scale.steps // scale.eval_every
+    ppo_config = PPOConfig(**scale.ppo)
 
-    def runs(method):
-        return scale.seeds if method in scale.seeded else 1
+    def cost(method, params, train):
+        """Every run of `method` at each of `params`: its seeds x (training + its evaluations)."""
+        return sum(len(run_seeds(scale, method, 0, param))
+                   * (train + evaluation * (length(method) // evaluation_interval(scale, method, param)))
+                   for param in params)
+
+    def length(method):
+        return ppo_config.iterations if method in ("ppo_gt", "ppo") else scale.steps
 
     part = {"load": c["load"], "pairs": scale.train_prompts * scale.samples * scale.new_tokens * c["sample_token"],
             "evaluation (each)": evaluation}
+    pair_step = scale.steps * scale.batch_size * 2 * tokens * step_token
     if "dpo" in methods:  # the reference log-probs once (every DPO run shares them), then each run's steps
-        one = scale.steps * scale.batch_size * 2 * tokens * step_token + evals * evaluation
-        part["dpo"] = (pairs * 2 * tokens * c["forward_token"]
-                       + one * (len(scale.dpo_betas) * runs("dpo") + bool(scale.rpo_alpha)))
+        part["dpo"] = pairs * 2 * tokens * c["forward_token"] + cost("dpo", scale.dpo_betas, pair_step)
+        if scale.rpo_alpha:
+            part["dpo"] += cost("dpo+nll", [scale.dpo_betas[0]], pair_step)
     if "preferred_ft" in methods:
-        part["preferred_ft"] = (scale.steps * scale.batch_size * tokens * step_token + evals * evaluation) \
-            * runs("preferred_ft")
+        part["preferred_ft"] = cost("preferred_ft", ["-"], pair_step / 2)
     if "unlikelihood" in methods:
-        part["unlikelihood"] = (scale.steps * scale.batch_size * 2 * tokens * step_token + evals * evaluation) \
-            * len(scale.ul_alphas) * runs("unlikelihood")
+        part["unlikelihood"] = cost("unlikelihood", scale.ul_alphas, pair_step)
     if {"ppo", "best_of_n"} & set(methods):
         rm = {**asdict(RewardModelConfig()), "train_layers": scale.train_layers, **scale.reward_model}
         rm_step_token = c["forward_token"] + c["train_token_per_block"] * (rm["train_layers"] or costs["blocks"])
         part["reward model"] = rm["epochs"] * pairs * 2 * tokens * rm_step_token
-    ppo_config = PPOConfig(**scale.ppo)
     one_ppo = ppo_config.iterations * (ppo_config.rollouts * scale.new_tokens * c["sample_token"]
                                        + ppo_config.rollouts * tokens * (2 * c["forward_token"]
-                                                                         + ppo_config.ppo_epochs * step_token)) \
-        + ppo_config.iterations // scale.ppo_eval_every * evaluation
+                                                                         + ppo_config.ppo_epochs * step_token))
     for method in ("ppo_gt", "ppo"):
         if method in methods:
-            part[method] = one_ppo * len(scale.ppo_targets) * runs(method)
+            part[method] = cost(method, scale.ppo_targets, one_ppo)
     if "best_of_n" in methods:
         candidates = scale.eval_prompts * scale.best_of_picks * sum(scale.best_of)
         part["best_of_n"] = candidates * (scale.new_tokens * c["sample_token"] + tokens * c["forward_token"]) \
-            * runs("best_of_n")
+            * len(run_seeds(scale, "best_of_n", 0))
     part["total"] = sum(v for k, v in part.items() if k != "evaluation (each)") + evaluation  # + the reference
     return part
 
@@ -245,27 +255,42 @@ def sample_prefixes(texts, n, tokenizer, seed):
     return imdb_prefixes([texts[i] for i in rows], tokenizer, seed=seed)
 
 
-def drop_empty(completions, rewards):
+def drop_empty(completions, rewards, truncated=None):
     """Remove the empty and whitespace-only completions before pairing: there is no response to prefer
-    or to fine-tune on (DPO and SFT reject them). Lists of P lists of S -> (completions, rewards, dropped)."""
-    kept = [[(c, r) for c, r in zip(comps, rs) if c.strip()] for comps, rs in zip(completions, rewards)]
+    or to fine-tune on (DPO and SFT reject them). Lists of P lists of S -> (completions, rewards, dropped), and
+    the kept `truncated` flags after them when given."""
+    flags = truncated or [[False] * len(comps) for comps in completions]
+    kept = [[(c, r, t) for c, r, t in zip(comps, rs, ts) if c.strip()]
+            for comps, rs, ts in zip(completions, rewards, flags)]
     dropped = sum(map(len, completions)) - sum(map(len, kept))
-    return [[c for c, _ in k] for k in kept], [[r for _, r in k] for k in kept], dropped
+    kept_completions, kept_rewards, kept_flags = ([[item[k] for item in group] for group in kept] for k in range(3))
+    return (kept_completions, kept_rewards, dropped) + ((kept_flags,) if truncated is not None else ())
 
 
-def preference_pairs(prompts, completions, rewards):
+def was_truncated(sample, new_tokens, eos_token_id):
+    """A sample the budget cut: new_tokens tokens and no EOS at the end. DPO, the baselines and the reward
+    model's data then teach no EOS after it (data.drop_eos_of_truncated): the review did not end there."""
+    ids = sample["completion_ids"]
+    return len(ids) >= new_tokens and ids[-1] != eos_token_id
+
+
+def preference_pairs(prompts, completions, rewards, truncated=None):
     """All pairs among the samples of each prompt, the higher-reward sample chosen; ties dropped.
-    prompts: list of P; completions, rewards: lists of P lists of S. Returns (records, ties)."""
+    prompts: list of P; completions, rewards (and truncated, whether the budget cut each sample): lists of
+    P lists of S. Returns (records, ties); with `truncated`, each record says which responses were cut."""
     records, ties = [], 0
-    for prompt, comps, rs in zip(prompts, completions, rewards):
+    for p, (prompt, comps, rs) in enumerate(zip(prompts, completions, rewards)):
         for i in range(len(comps)):
             for j in range(i + 1, len(comps)):
                 if rs[i] == rs[j] or comps[i] == comps[j]:
                     ties += 1
                     continue
                 w, r = (i, j) if rs[i] > rs[j] else (j, i)
-                records.append({"prompt": prompt, "chosen": comps[w], "rejected": comps[r],
-                                "reward_chosen": rs[w], "reward_rejected": rs[r]})
+                record = {"prompt": prompt, "chosen": comps[w], "rejected": comps[r],
+                          "reward_chosen": rs[w], "reward_rejected": rs[r]}
+                if truncated is not None:
+                    record.update(chosen_truncated=truncated[p][w], rejected_truncated=truncated[p][r])
+                records.append(record)
     return records, ties
 
 
@@ -294,7 +319,12 @@ class Evaluator:
     mean sequence KL to the reference (on the first `kl_samples` samples of each prefix; 0: all), each with
     its standard error clustered by prefix; beside them how degenerate the samples are (the share that end before
     half the token budget, the mean share of repeated word bigrams, and for VADER the mean share of lexicon words).
-    Every sample goes to samples.jsonl beside the results: prefix, completion, length, EOS, reward, KL."""
+    Every sample goes to samples.jsonl beside the results: prefix (and its index), sample index, completion, length,
+    EOS, reward, KL.
+
+    The sampling stream is the training seed's (sampling_seed): every policy of one training seed is sampled with
+    the same random numbers on the same prefixes, so two methods' rewards can be compared prefix by prefix (paired),
+    and seeds differ in their samples as well as in their training, so an SE over seeds includes both."""
 
     def __init__(self, reference, tokenizer, prompts, reward_fn, new_tokens, results_path, seed=0, samples=1,
                  kl_samples=0, batch_size=32):
@@ -307,29 +337,38 @@ class Evaluator:
     def score(self, samples):
         return self.reward_fn([s["prompt"] + s["completion"] for s in samples])
 
+    def sampling_seed(self, seed):
+        """The sampling stream of training seed `seed` (the experiment's own seed: its reference's stream)."""
+        return self.seed + 7 + 1009 * (seed - self.seed)
+
     def __call__(self, policy, method, param, step, seed=None):
+        seed = self.seed if seed is None else seed
         prefix_of = [i for i in range(len(self.prompts)) for _ in range(self.samples)]
         samples = generate(policy, self.tokenizer, [self.prompts[i] for i in prefix_of], self.new_tokens,
-                           batch_size=self.batch_size, seed=self.seed + 7)
+                           batch_size=self.batch_size, seed=self.sampling_seed(seed))
         rewards = self.score(samples)
         reward, reward_se = mean_and_se(rewards, prefix_of)
         measured = [k for k in range(len(samples)) if k % self.samples < self.kl_samples]
         kls = sequence_kl(policy, self.reference, [samples[k] for k in measured], self.pad).tolist()
         kl, kl_se = mean_and_se(kls, [prefix_of[k] for k in measured])
-        seed = self.seed if seed is None else seed
         row = {"method": method, "param": param, "step": step, "seed": seed,
                "reward": reward, "reward_se": reward_se, "kl": kl, "kl_se": kl_se, "samples": len(samples),
                "kl_samples": len(measured), "example": samples[0]["prompt"] + samples[0]["completion"],
                **self.degeneracy(samples)}
-        kl_of, eos = dict(zip(measured, kls)), self.tokenizer.eos_token_id
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            for k, (s, r) in enumerate(zip(samples, rewards)):
-                ids = s["completion_ids"]
-                f.write(json.dumps({"method": method, "param": param, "step": step, "seed": seed,
-                                    "prefix": s["prompt"], "completion": s["completion"], "tokens": len(ids),
-                                    "eos": bool(ids) and ids[-1] == eos, "reward": r, "kl": kl_of.get(k)}) + "\n")
+        self.write_samples(row, samples, rewards, prefix_of, dict(zip(measured, kls)))
         self.write(row)
         return row
+
+    def write_samples(self, row, samples, rewards, prefix_of, kl_of):
+        """Append one line per sample to samples.jsonl; kl_of: {sample index: its KL} (the others: null)."""
+        eos, count = self.tokenizer.eos_token_id, {}
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for k, (s, r, p) in enumerate(zip(samples, rewards, prefix_of)):
+                ids, count[p] = s["completion_ids"], count.get(p, -1) + 1
+                f.write(json.dumps({key: row[key] for key in ("method", "param", "step", "seed")}
+                                   | {"prefix_index": p, "sample": count[p], "prefix": s["prompt"],
+                                      "completion": s["completion"], "tokens": len(ids),
+                                      "eos": bool(ids) and ids[-1] == eos, "reward": r, "kl": kl_of.get(k)}) + "\n")
 
     def degeneracy(self, samples):
         """Shares that say how degenerate the samples are, and whether the point is flagged (DEGENERATE)."""
@@ -375,9 +414,25 @@ def print_estimate(scale, methods, device):
           f"point's mean reward ~{reward_standard_error(scale):.3f}", flush=True)
 
 
-def run_seeds(scale, method, seed):
-    """The training seeds of a method: scale.seeds of them if it is in scale.seeded, else one."""
-    return [seed + k for k in range(scale.seeds if method in scale.seeded else 1)]
+def is_trajectory(scale, method, param):
+    """In the matched design (scale.matched), one of the two runs compared at the same KL: DPO at dpo_betas[0] and
+    PPO-GT at ppo_targets[0]."""
+    return scale.matched and (method, param) in (("dpo", scale.dpo_betas[0]), ("ppo_gt", scale.ppo_targets[0]))
+
+
+def run_seeds(scale, method, seed, param=None):
+    """The training seeds of a run: scale.seeds of them if the method is in scale.seeded (in the matched design: if
+    it is one of the two trajectories), else one."""
+    seeded = method in scale.seeded and (not scale.matched or is_trajectory(scale, method, param))
+    return [seed + k for k in range(scale.seeds if seeded else 1)]
+
+
+def evaluation_interval(scale, method, param):
+    """Steps (PPO: iterations) between evaluations of a run: eval_every / ppo_eval_every, or in the matched design
+    only at the end of every run but the two trajectories."""
+    iterations = PPOConfig(**scale.ppo).iterations if method in ("ppo_gt", "ppo") else scale.steps
+    every = scale.ppo_eval_every if method in ("ppo_gt", "ppo") else scale.eval_every
+    return iterations if scale.matched and not is_trajectory(scale, method, param) else every
 
 
 def seed_folder(folder, run_seed, seed):
@@ -413,9 +468,9 @@ class Experiment:
     def fresh_policy(self):  # a copy of the reference: dropout already off
         return freeze_all_but_top(copy.deepcopy(self.reference).requires_grad_(True).train(), self.scale.train_layers)
 
-    def evaluating(self, method, param, run_seed, every=None):
-        """A training callback: evaluate the policy every `every` steps (default: the scale's eval_every)."""
-        every = every or self.scale.eval_every
+    def evaluating(self, method, param, run_seed):
+        """A training callback: evaluate the policy every evaluation_interval steps (PPO: iterations)."""
+        every = evaluation_interval(self.scale, method, param)
         return lambda step, policy: (self.evaluate(policy, method, param, step, run_seed) if step and step % every == 0
                                      else None)
 
@@ -438,7 +493,7 @@ def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
             for run_seed in run_seeds(scale, "best_of_n", seed):
                 experiment.evaluate.write(best_of_n_row(experiment.reference, experiment.tokenizer,
                                                         experiment.eval_prompts, scale, n, learned_reward,
-                                                        experiment.evaluate.score, run_seed))
+                                                        experiment.evaluate, run_seed))
     return finish(experiment, base)
 
 
@@ -464,9 +519,10 @@ def prepare(experiment, device):
                        scale.new_tokens, batch_size=scale.sample_batch, seed=seed)
     groups = [samples[i:i + scale.samples] for i in range(0, len(samples), scale.samples)]
     completions = [[s["completion"] for s in group] for group in groups]
+    truncated = [[was_truncated(s, scale.new_tokens, tokenizer.eos_token_id) for s in group] for group in groups]
     rewards = [evaluate.score(group) for group in groups]
-    completions, rewards, empty = drop_empty(completions, rewards)
-    pairs, ties = preference_pairs(train_prompts, completions, rewards)
+    completions, rewards, empty, truncated = drop_empty(completions, rewards, truncated)
+    pairs, ties = preference_pairs(train_prompts, completions, rewards, truncated)
     with open(os.path.join(experiment.out, "pairs.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     experiment.log(f"{len(pairs)} preference pairs ({ties} ties and {empty} empty completions dropped)")
@@ -486,7 +542,7 @@ def train_dpo(experiment):
     settings += [(scale.dpo_betas[0], scale.rpo_alpha)] if scale.rpo_alpha else []
     for beta, rpo in settings:
         name = "dpo" if not rpo else "dpo+nll"
-        for run_seed in run_seeds(scale, name, experiment.seed):
+        for run_seed in run_seeds(scale, name, experiment.seed, beta):
             config = RunConfig(out=seed_folder(os.path.join(out, f"{name}-beta{beta}"), run_seed, experiment.seed),
                                beta=beta, rpo_alpha=rpo, batch_size=scale.batch_size, optimizer=scale.optimizer,
                                lr=scale.lr, warmup_steps=scale.warmup_steps, max_steps=scale.steps,
@@ -507,7 +563,7 @@ def train_baselines(experiment):
         if method not in experiment.methods:
             continue
         for alpha in [None] if method == "preferred_ft" else scale.ul_alphas:
-            for run_seed in run_seeds(scale, method, experiment.seed):
+            for run_seed in run_seeds(scale, method, experiment.seed, alpha):
                 train_baseline(method, experiment.fresh_policy(), experiment.tokenizer, experiment.pairs,
                                steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, alpha=alpha or 0.0,
                                seed=run_seed, optimizer=scale.optimizer, warmup_steps=scale.warmup_steps,
@@ -525,10 +581,29 @@ def fit_reward_model(experiment):
     reward_model, report = train_reward_model(experiment.reference, experiment.tokenizer, experiment.pairs, rm_config)
     experiment.summary["reward_model_heldout_accuracy"] = report["test_accuracy"]
     experiment.summary["reward_model"] = report
+    learned = lambda batch: reward_model.score([s["prompt"] for s in batch], [s["completion"] for s in batch])  # noqa: E731
+    report["eval_prefix_accuracy"], report["eval_prefix_pairs"] = eval_prefix_accuracy(experiment, learned)
     experiment.log(f"reward model (kept step {report['step']} of {report['steps']}): validation accuracy "
                    f"{report['val_accuracy']:.3f}, held-out pair accuracy {report['test_accuracy']:.3f} on "
-                   f"{report['pairs']['test']} pairs")
-    return lambda batch: reward_model.score([s["prompt"] for s in batch], [s["completion"] for s in batch])
+                   f"{report['pairs']['test']} pairs, {report['eval_prefix_accuracy']:.3f} on "
+                   f"{report['eval_prefix_pairs']} pairs of the reference's samples on the evaluation prefixes")
+    return learned
+
+
+def eval_prefix_accuracy(experiment, learned_reward):
+    """The learned reward's pairwise accuracy on a larger held-out set than its own test split: every pair of the
+    reference's evaluation samples of one held-out prefix whose ground-truth rewards differ (ties of the learned
+    reward count as wrong). Returns (accuracy, pairs)."""
+    with open(experiment.evaluate.samples_path, encoding="utf-8") as f:
+        rows = [r for r in map(json.loads, f) if r["method"] == "reference" and r["completion"].strip()]
+    scores = learned_reward([{"prompt": r["prefix"], "completion": r["completion"]} for r in rows])
+    right = total = 0
+    for i, (a, score_a) in enumerate(zip(rows, scores)):
+        for b, score_b in zip(rows[i + 1:], scores[i + 1:]):
+            if a["prefix_index"] == b["prefix_index"] and a["reward"] != b["reward"]:
+                total += 1
+                right += (score_a - score_b) * (a["reward"] - b["reward"]) > 0
+    return (right / total if total else float("nan")), total
 
 
 def train_ppo(experiment, learned_reward):
@@ -539,12 +614,12 @@ def train_ppo(experiment, learned_reward):
         if method not in experiment.methods:
             continue
         for target in scale.ppo_targets:
-            for run_seed in run_seeds(scale, method, experiment.seed):
+            for run_seed in run_seeds(scale, method, experiment.seed, target):
                 config = PPOConfig(max_new_tokens=scale.new_tokens, target_kl=target, seed=run_seed, **scale.ppo)
                 score = experiment.evaluate.score if method == "ppo_gt" else learned_reward
                 history = ppo_train(experiment.fresh_policy(), experiment.reference, experiment.tokenizer,
                                     experiment.train_prompts, score, config,
-                                    callback=experiment.evaluating(method, target, run_seed, scale.ppo_eval_every))
+                                    callback=experiment.evaluating(method, target, run_seed))
                 experiment.summary["ppo_history"][f"{method} target {target} seed {run_seed}"] = history
                 experiment.log(f"{method} target KL {target} seed {run_seed} done: kl_coef {config.init_kl_coef} "
                                f"-> {history[-1]['kl_coef']:.4f}, sampled KL {history[-1]['kl']:.2f}")
@@ -572,20 +647,24 @@ def finish(experiment, base):
     return experiment.results_path
 
 
-def best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward, ground_truth, seed):
+def best_of_n_row(reference, tokenizer, eval_prompts, scale, n, learned_reward, evaluate, seed):
     """Best-of-N: for each held-out prefix, best_of_picks times, the best of n reference samples by the
-    learned reward (an empty completion only if all n are), scored by the ground truth. Its KL is the
-    analytic bound log n - (n - 1) / n."""
+    learned reward (an empty completion only if all n are), scored by the ground truth (evaluate.score); the picks
+    go to samples.jsonl (evaluate.write_samples) and their degeneracy beside the row. Its KL is the analytic bound
+    log n - (n - 1) / n."""
     prefix_of = [i for i in range(len(eval_prompts)) for _ in range(scale.best_of_picks)]
     candidates = generate(reference, tokenizer, [eval_prompts[i] for i in prefix_of for _ in range(n)],
                           scale.new_tokens, batch_size=scale.sample_batch, seed=seed + 11)
     scores = learned_reward(candidates)
     texts = [c["completion"] for c in candidates]  # the reward model never saw an empty one: best_scored
-    best = [i + best_scored(texts[i:i + n], scores[i:i + n]) for i in range(0, len(candidates), n)]
-    reward, reward_se = mean_and_se(ground_truth([candidates[k] for k in best]), prefix_of)
-    return {"method": "best_of_n", "param": n, "step": 0, "seed": seed, "reward": reward, "reward_se": reward_se,
-            "kl": best_of_n_kl(n), "kl_se": 0.0, "kl_is_bound": True, "samples": len(best), "kl_samples": 0,
-            "example": candidates[best[0]]["prompt"] + candidates[best[0]]["completion"]}
+    picks = [candidates[i + best_scored(texts[i:i + n], scores[i:i + n])] for i in range(0, len(candidates), n)]
+    rewards = evaluate.score(picks)
+    reward, reward_se = mean_and_se(rewards, prefix_of)
+    row = {"method": "best_of_n", "param": n, "step": 0, "seed": seed, "reward": reward, "reward_se": reward_se,
+           "kl": best_of_n_kl(n), "kl_se": 0.0, "kl_is_bound": True, "samples": len(picks), "kl_samples": 0,
+           "example": picks[0]["prompt"] + picks[0]["completion"], **evaluate.degeneracy(picks)}
+    evaluate.write_samples(row, picks, rewards, prefix_of, {})
+    return row
 
 
 def sft_reference(reference, tokenizer, scale, seed):
