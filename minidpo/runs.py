@@ -62,10 +62,13 @@ class RunConfig(dpo.TrainConfig):
     save_every: int = 0  # write the checkpoint every N steps and at the end (0: every 10% of the run)
     resume: bool = False  # continue from <out>/checkpoint
     overwrite: bool = False  # start afresh in an <out> that holds a run, deleting what it left
+    prefix_sharing: bool = False  # one sequence per pair, the prompt run once (minidpo.prefix_sharing): same log-probs
+    compile: str = ""  # torch.compile backend of policy and reference ("": none; "inductor": torch's compiler)
 
 
 MAY_CHANGE_ON_RESUME = {"out", "eval_every", "save_every", "max_steps", "epochs", "num_threads", "resume",
-                        "overwrite", "progress", "skip_invalid", "precompute_ref", "reference_logps_file"}
+                        "overwrite", "progress", "skip_invalid", "precompute_ref", "reference_logps_file",
+                        "prefix_sharing", "compile"}  # the last two: the same computation, another schedule
 FINGERPRINTS = ("train_data", "eval_data", "initial_weights")  # saved with the settings, compared on resume
 RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "final", "final.old", "final.tmp",
              "reference_logps.pt", "reference_logps.pt.tmp", "training.png")  # what a run leaves in <out>
@@ -100,6 +103,10 @@ class RunSafety(dpo.RunHooks):
 
     def __init__(self, config, resume_from):
         self.config, self.resume_from, self.signals, self.settings = config, resume_from, None, {}
+        forward = dpo.concatenated_forward
+        if config.prefix_sharing:  # the log-probs of a batch from one sequence per pair
+            from .prefix_sharing import shared_prefix_forward as forward
+        self.forward = padded_to(forward, COMPILE_MULTIPLE) if config.compile else forward
 
     def tokenize(self, run, records):  # every bad record listed at once; skip_invalid drops them
         config = self.config
@@ -111,6 +118,9 @@ class RunSafety(dpo.RunHooks):
         self.settings = {**dataclasses.asdict(self.config), "train_data": fingerprint(run.train_examples),
                          "eval_data": fingerprint(run.eval_examples),
                          "initial_weights": weights_fingerprint(run.policy)}
+        if self.config.compile:  # in place: the same parameters and state_dict, a compiled forward
+            for model in filter(None, (run.policy, run.reference)):
+                model.compile(backend=self.config.compile)
         if self.resume_from is None:
             return 0
         check_resumed_settings(self.resume_from, self.settings)
@@ -155,6 +165,23 @@ class RunSafety(dpo.RunHooks):
     def save(self, run):
         save_checkpoint(self.config.out, run.policy, run.tokenizer, run.optimizer, run.scheduler, run.step,
                         self.settings)
+
+
+COMPILE_MULTIPLE = 64  # a compiled run pads every batch to a multiple of this length: few shapes, few recompiles
+
+
+def padded_to(forward, multiple):
+    """forward on batches right-padded to a length that is a multiple of `multiple` (padding is masked and labelled
+    IGNORE_INDEX: the same log-probs), so that a compiled model sees few shapes."""
+    return lambda model, batch, **kwargs: forward(model, pad_to_multiple(batch, multiple), **kwargs)
+
+
+def pad_to_multiple(batch, multiple, pad_token_id=0):
+    """A collated batch (dpo.collate's keys) right-padded to a length that is a multiple of `multiple`."""
+    import torch.nn.functional as F
+    extra = -batch["chosen_input_ids"].shape[1] % multiple
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": dpo.IGNORE_INDEX}
+    return {key: F.pad(value, (0, extra), value=fill[key.split("_", 1)[1]]) for key, value in batch.items()}
 
 
 # ---- the output folder ---------------------------------------------------------------------------

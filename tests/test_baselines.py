@@ -52,6 +52,24 @@ def test_each_baseline_optimises_its_stated_objective_with_dropout_off(method):
     assert losses[0] == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["preferred_ft", "unlikelihood", "unlikelihood_token"])
+def test_a_response_the_sampler_cut_is_trained_without_eos(method):
+    # Oracle: the same objectives from HF's own loss, over the response tokens without the closing EOS, when the
+    # record says both responses were cut at the sampling budget (imdb's pairs): the review did not end there.
+    model, tokenizer = dropout_gpt2()
+    chosen = response_token_logps(model, tokenizer, RECORD["prompt"], RECORD["chosen"])[:-1]
+    rejected = response_token_logps(model, tokenizer, RECORD["prompt"], RECORD["rejected"])[:-1]
+    alpha = 0.3
+    expected = {
+        "preferred_ft": -chosen.mean(),
+        "unlikelihood": -chosen.sum() + alpha * rejected.sum(),
+        "unlikelihood_token": -chosen.mean() - alpha * torch.log1p(-rejected.exp()).mean(),
+    }[method]
+    cut = {**RECORD, "chosen_truncated": True, "rejected_truncated": True}
+    losses = train_baseline(method, model.train(), tokenizer, [cut] * 4, steps=1, batch_size=2, lr=1e-3, alpha=alpha)
+    assert losses[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_the_papers_unlikelihood_is_unbounded_and_degenerates():
     # Nothing bounds -log pi(y_w) + alpha log pi(y_l) from below: training drives log pi(y_l|x) to
     # -inf and the loss below 0, where the token-level form (a sum of -log terms) can never go.

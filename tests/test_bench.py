@@ -16,19 +16,51 @@ def test_every_minidpo_variant_computes_the_same_first_loss(gpt2_tok):
     gpt2_tok.pad_token = gpt2_tok.eos_token
     cfg = bench.SIZES["tiny"]
     records = bench.synthetic_pairs(gpt2_tok, cfg["pairs"] * 2, cfg["prompt"], cfg["response"])
-    losses = {impl: bench.run_minidpo(impl, "tiny", 1, 0, records, gpt2_tok)["first_loss"]
-              for impl in ("minidpo", "minidpo-precomputed-ref", "minidpo-separate-forwards")}
+    variants = [i for i in bench.DEFAULT_IMPLS if i.startswith("minidpo")]
+    losses = {impl: bench.run_minidpo(impl, "tiny", 1, 0, records, gpt2_tok)["first_loss"] for impl in variants}
     assert losses["minidpo"] != pytest.approx(0.6931, abs=1e-3)  # policy and reference differ
-    assert losses["minidpo-precomputed-ref"] == pytest.approx(losses["minidpo"], abs=1e-5)
-    assert losses["minidpo-separate-forwards"] == pytest.approx(losses["minidpo"], abs=1e-5)
+    assert {"minidpo-prefix-sharing", "minidpo-precomputed-prefix-sharing", "minidpo-separate-forwards"} <= set(losses)
+    for impl in variants:
+        assert losses[impl] == pytest.approx(losses["minidpo"], abs=1e-5), impl
+
+
+def test_padding_for_compile_leaves_the_log_probs_alone(gpt2_tok):
+    import torch
+
+    from minidpo import dpo, runs
+    gpt2_tok.pad_token = gpt2_tok.eos_token
+    cfg = bench.SIZES["tiny"]
+    records = bench.synthetic_pairs(gpt2_tok, cfg["pairs"], cfg["prompt"], cfg["response"])
+    batch = dpo.collate(bench.minidpo_examples("tiny", records, gpt2_tok), gpt2_tok.eos_token_id)
+    padded = runs.pad_to_multiple(batch, 64, gpt2_tok.eos_token_id)
+    assert padded["chosen_input_ids"].shape[1] % 64 == 0 and padded["chosen_input_ids"].shape[1] >= 64
+    model = bench.build("tiny", 0).eval()
+    with torch.no_grad():
+        for want, got in zip(dpo.concatenated_forward(model, batch), dpo.concatenated_forward(model, padded)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_the_window_is_timed_once_and_the_first_loss_kept():
+    import torch
+    calls = []
+
+    def step(i):
+        calls.append(i)
+        return torch.tensor(float(i) + 0.5)
+
+    result = bench.timed(step, steps=3, warmup=2, device=torch.device("cpu"))
+    assert calls == [0, 1, 2, 3, 4] and result["first_loss"] == 0.5 and result["step_s"] > 0
+    assert bench.timed(step, steps=1, warmup=0, device=torch.device("cpu"))["first_loss"] == 0.5
 
 
 def test_bench_runs_and_prints_the_table():
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench.py"), "--size", "tiny", "--rounds", "1",
-                             "--steps", "1", "--warmup", "0", "--impl", "minidpo", "minidpo-precomputed-ref"],
+                             "--steps", "1", "--warmup", "1", "--impl", "minidpo", "minidpo-prefix-sharing",
+                             "--profile"],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "pairs/s" in result.stdout and "minidpo-precomputed-ref" in result.stdout
+    assert "pairs/s" in result.stdout and "minidpo-prefix-sharing" in result.stdout
+    assert result.stdout.count("under torch.profiler") == 2 and "aten::" in result.stdout
 
 
 def test_workload_flops_count_the_lm_head_only_where_the_loss_needs_it():

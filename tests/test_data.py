@@ -170,6 +170,20 @@ def test_conversational_records_go_through_the_chat_template(tmp_path):
 
 # ---- IMDb ----------------------------------------------------------------------------------------
 
+def test_a_response_marked_truncated_is_tokenized_without_eos():
+    from minidpo.data import tokenize_records
+    from minidpo.dpo import tokenize_pair
+    tokenizer = byte_tokenizer()
+    record = {"prompt": "The film", "chosen": " was long and", "rejected": " was bad."}
+    plain = tokenize_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"], 64, 32)
+    (cut,), _ = tokenize_records(tokenizer, [{**record, "chosen_truncated": True}], 64, 32)
+    assert plain["chosen_input_ids"][-1] == tokenizer.eos_token_id
+    assert cut["chosen_input_ids"] == plain["chosen_input_ids"][:-1]
+    assert cut["chosen_labels"] == plain["chosen_labels"][:-1]
+    assert (cut["rejected_input_ids"], cut["rejected_labels"]) == (plain["rejected_input_ids"],
+                                                                    plain["rejected_labels"])  # ended: EOS kept
+
+
 def test_imdb_prefixes_are_2_to_8_tokens_and_seeded():
     tokenizer = byte_tokenizer()
     ds = data.load_imdb(fixture("imdb.jsonl"), tokenizer=tokenizer, seed=0)

@@ -66,6 +66,22 @@ def test_empty_and_whitespace_completions_are_dropped_and_counted():
     assert ties == 0 and all(r["chosen"].strip() and r["rejected"].strip() for r in records) and len(records) == 2
 
 
+def test_a_sample_cut_by_the_budget_is_marked_in_its_pairs():
+    # Samples of 3 tokens at most (EOS id 0): cut when 3 tokens long without EOS; ended with EOS; short and unended
+    # only if generate stopped early otherwise (it does not): not cut.
+    eos = 0
+    samples = [{"completion_ids": [5, 6, 7]}, {"completion_ids": [5, 0]}, {"completion_ids": [5, 6, 0]}]
+    assert [imdb.was_truncated(s, 3, eos) for s in samples] == [True, False, False]
+    completions, rewards, dropped, truncated = imdb.drop_empty([["a", "", "b", "c"]], [[0.1, 0.2, 0.3, 0.4]],
+                                                               [[True, True, False, True]])
+    assert (completions, rewards, dropped, truncated) == ([["a", "b", "c"]], [[0.1, 0.3, 0.4]], 1,
+                                                          [[True, False, True]])
+    records, _ = imdb.preference_pairs(["p"], completions, rewards, truncated)
+    cut = {"a": True, "b": False, "c": True}
+    assert all(r["chosen_truncated"] == cut[r["chosen"]] and r["rejected_truncated"] == cut[r["rejected"]]
+               for r in records) and len(records) == 3
+
+
 def test_tuple_overrides_keep_their_item_type():
     overrides = imdb.parse_overrides(["best_of=4,16", "dpo_betas=0.1, 1", "steps=3", "ppo={\"lr\": 0.1}"],
                                      imdb.Scale)
@@ -194,8 +210,13 @@ def test_best_of_n_never_picks_an_empty_completion_over_a_real_one(monkeypatch):
     scale = dataclasses.replace(imdb.SCALES["smoke"], best_of_picks=1)
     learned = lambda samples: [9.0 if not s["completion"].strip() else len(s["completion"]) for s in samples]  # noqa: E731
     picked = []
-    truth = lambda samples: picked.extend(s["completion"] for s in samples) or [0.0] * len(samples)  # noqa: E731
-    imdb.best_of_n_row(None, None, ["a", "b"], scale, 3, learned, truth, seed=0)
+
+    class Evaluate:  # the ground truth and the sample file of imdb.Evaluator
+        score = staticmethod(lambda samples: picked.extend(s["completion"] for s in samples) or [0.0] * len(samples))
+        degeneracy = staticmethod(lambda samples: {"degenerate": []})
+        write_samples = staticmethod(lambda row, samples, *args: None)
+
+    imdb.best_of_n_row(None, None, ["a", "b"], scale, 3, learned, Evaluate, seed=0)
     assert picked == [" good", " bad"]
 
 
@@ -213,14 +234,20 @@ def test_smoke_experiment_writes_every_method_and_a_figure(tmp_path):
     # every evaluated point has its samples on file (prefix, completion, length, EOS, reward, KL) and its degeneracy
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
     evaluated = [r for r in rows if r["method"] != "best_of_n"]
-    assert len(samples) == sum(r["samples"] for r in evaluated)
+    assert len(samples) == sum(r["samples"] for r in rows)  # Best-of-N's picks too
     first = evaluated[0]
     mine = [s for s in samples if (s["method"], s["param"], s["step"], s["seed"]) ==
             (first["method"], first["param"], first["step"], first["seed"])]
     assert sum(s["reward"] for s in mine) / len(mine) == pytest.approx(first["reward"])  # the row is their mean
     assert sum(s["kl"] is not None for s in mine) == first["kl_samples"]
     assert all(0 <= s["tokens"] <= imdb.SCALES["smoke"].new_tokens and isinstance(s["eos"], bool) for s in samples)
-    assert all({"short", "repeated_bigrams", "degenerate"} <= set(r) for r in evaluated)
+    assert all({"short", "repeated_bigrams", "degenerate"} <= set(r) for r in rows)
+    assert {(s["prefix_index"], s["sample"]) for s in mine} == {(p, k) for p in range(imdb.SCALES["smoke"].eval_prompts)
+                                                                for k in range(imdb.SCALES["smoke"].eval_samples)}
+    pairs = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    assert all(isinstance(p["chosen_truncated"], bool) for p in pairs)
+    rm = summary["reward_model"]
+    assert rm["eval_prefix_pairs"] > 0 and 0 <= rm["eval_prefix_accuracy"] <= 1
 
 
 def test_degeneracy_flags_early_stops_loops_and_lexicon_stuffing():
@@ -333,7 +360,7 @@ def test_offline_presets_have_the_papers_grids(name):
 # laptop: the aim is 30 min; measured 30 min 2 s alone (2026-11-26, PPO evaluated at iterations 8 and 16), so its
 # budget here is 31 min. Evaluating PPO only at the end (ppo_eval_every=16) would save ~2.5 min and lose those points.
 @pytest.mark.parametrize("name, costs, budget_s", [("laptop", imdb.LAPTOP_COSTS, 31 * 60),
-                                                   ("laptop_long", imdb.LAPTOP_COSTS, 3 * 3600),
+                                                   ("laptop_long", imdb.LAPTOP_COSTS, 2 * 3600),
                                                    ("gpu", imdb.H100_COSTS, 15 * 60)])
 def test_presets_fit_their_time_budgets_by_estimate(name, costs, budget_s):
     scale = imdb.SCALES[name]
@@ -348,8 +375,42 @@ def test_presets_fit_their_time_budgets_by_estimate(name, costs, budget_s):
 def test_evidence_presets_have_three_seeds_and_a_standard_error_of_002(name):
     scale = imdb.SCALES[name]
     assert scale.seeds >= 3 and {"dpo", "ppo_gt"} <= set(scale.seeded)
-    assert scale.eval_prompts * scale.eval_samples >= 625  # VADER's std 0.5: 0.5 / sqrt(625) = 0.02
-    assert imdb.reward_standard_error(scale) <= 0.02 + 1e-9
+    # VADER's std 0.5: 0.5 / sqrt(625) = 0.02 per point, or per matched comparison, which pools the seeds
+    pooled = scale.seeds if scale.matched else 1
+    assert scale.eval_prompts * scale.eval_samples * pooled >= 625
+
+
+def test_the_matched_design_seeds_and_evaluates_only_the_two_trajectories():
+    scale = imdb.SCALES["laptop_long"]
+    assert scale.matched and scale.dpo_betas[0] == 0.05
+    trajectories = [("dpo", scale.dpo_betas[0]), ("ppo_gt", scale.ppo_targets[0])]
+    for method, param in trajectories:
+        assert imdb.run_seeds(scale, method, 0, param) == [0, 1, 2]
+        runs_for = ppo.PPOConfig(**scale.ppo).iterations if method == "ppo_gt" else scale.steps
+        assert runs_for // imdb.evaluation_interval(scale, method, param) >= 4  # a trajectory, not one point
+    others = [("dpo", b) for b in scale.dpo_betas[1:]] + [("ppo_gt", t) for t in scale.ppo_targets[1:]] + [
+        ("dpo+nll", scale.dpo_betas[0]), ("ppo", scale.ppo_targets[0]), ("unlikelihood", 0.1), ("preferred_ft", "-")]
+    for method, param in others:
+        runs_for = ppo.PPOConfig(**scale.ppo).iterations if method.startswith("ppo") else scale.steps
+        assert imdb.run_seeds(scale, method, 0, param) == [0]
+        assert imdb.evaluation_interval(scale, method, param) == runs_for  # once, at the end
+    unmatched = imdb.SCALES["gpu"]  # every beta of a seeded method gets its seeds there
+    assert imdb.run_seeds(unmatched, "dpo", 0, unmatched.dpo_betas[2]) == [0, 1, 2]
+
+
+def test_each_training_seed_samples_its_own_stream_shared_by_every_method(tmp_path):
+    # Paired comparisons need two methods of one seed sampled with the same random numbers on the same prefixes;
+    # seeds need different ones. Oracle: one policy evaluated as two methods and two seeds.
+    torch.manual_seed(0)
+    model, tokenizer = tiny_gpt2(), byte_tokenizer()
+    evaluator = imdb.Evaluator(model, tokenizer, ["ab", "cd"], toy_reward, new_tokens=6,
+                               results_path=str(tmp_path / "results.jsonl"), samples=2)
+    for method, seed in (("dpo", 1), ("ppo_gt", 1), ("dpo", 2)):
+        evaluator(model, method, 0.1, 4, seed)
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    texts = {key: [s["completion"] for s in samples if (s["method"], s["seed"]) == key]
+             for key in (("dpo", 1), ("ppo_gt", 1), ("dpo", 2))}
+    assert texts[("dpo", 1)] == texts[("ppo_gt", 1)] and texts[("dpo", 1)] != texts[("dpo", 2)]
 
 
 @pytest.mark.parametrize("name", OFFLINE)

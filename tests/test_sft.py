@@ -29,6 +29,12 @@ def test_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
     assert plain["input_ids"][0] == tokenizer.eos_token_id and plain["labels"][0] == IGNORE_INDEX
 
 
+def test_a_response_the_sampler_cut_gets_no_eos(tokenizer):
+    whole, cut = (tokenize_sft(tokenizer, "Q: hi", " A: hello", truncated=t) for t in (False, True))
+    assert whole["input_ids"][-1] == tokenizer.eos_token_id
+    assert cut == {"input_ids": whole["input_ids"][:-1], "labels": whole["labels"][:-1]}
+
+
 def test_a_long_prompt_is_trimmed_from_the_left_and_max_length_holds(tokenizer):
     """Before: a prompt longer than max_length passed whole and left one response token."""
     prompt, response = "".join(f"{i % 10}" for i in range(300)), " the answer."

@@ -632,10 +632,12 @@ def finish(experiment, base):
     experiment.summary["reference"] = {"reward": base["reward"], "reward_se": base["reward_se"], "kl": base["kl"]}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(experiment.summary, f, indent=1)
-    from .plots import plot_dynamics, plot_frontier, reward_axis_label
+    from .frontier import pooled_points, read_samples
+    from .plots import plot_dynamics, plot_frontier, read_jsonl, reward_axis_label
+    points = pooled_points(read_samples(out), read_jsonl(experiment.results_path))  # SEs clustered by prefix
     figure = plot_frontier(experiment.results_path, os.path.join(out, "frontier.png"),
                            title=f"IMDb sentiment, {experiment.scale_name} scale: reward vs KL",
-                           ylabel=reward_axis_label(scale.reward))
+                           ylabel=reward_axis_label(scale.reward), points=points)
     if "dpo" in experiment.methods and scale.rpo_alpha:
         beta = scale.dpo_betas[0]
         import matplotlib.pyplot as plt

@@ -28,6 +28,16 @@ def _pyplot():
 PARAM_NAMES = {"dpo": "β", "dpo+nll": "β", "unlikelihood": "α", "unlikelihood_token": "α", "ppo": "KL target",
                "ppo_gt": "KL target", "best_of_n": "N"}
 LINE_STYLES = ("-", "--", ":", "-.")
+# A colour per hyper-parameter: each method's own colour map, darkest for its first parameter (draw_frontier).
+SHADES = {"dpo": "Reds", "unlikelihood": "Purples", "ppo_gt": "GnBu", "ppo": "Blues"}
+
+
+def param_color(method, index, count):
+    """The colour of a method's index-th of count hyper-parameters: shades of its map, or its one colour."""
+    if method not in SHADES or count < 2:
+        return COLORS.get(method)
+    import matplotlib
+    return matplotlib.colormaps[SHADES[method]](0.95 - 0.5 * index / (count - 1))
 
 
 def reward_axis_label(reward):
@@ -68,12 +78,14 @@ def param_label(method, param):
     return f"{name} = {param}" if name else ""
 
 
-def draw_frontier(rows, ax, title="reward vs KL", ylabel="mean ground-truth reward", annotate=True):
-    """One line per method and hyper-parameter (β, α, KL target), from the reference policy (where every
-    method starts) through its evaluated checkpoints in step order; each point the mean over seeds with
-    error bars, labelled with the hyper-parameter and step. Best-of-N is drawn at its KL's analytic
-    bound, log N − (N−1)/N (the true KL is at most that): hollow markers with a bar down to KL 0."""
-    points = seed_mean(rows)
+def draw_frontier(rows, ax, title="reward vs KL", ylabel="mean ground-truth reward", annotate=True, points=None,
+                  legend=True):
+    """One line per method and hyper-parameter (β, α, KL target; each its own shade), from the reference policy
+    (where every method starts) through its evaluated checkpoints in step order; each point the mean over seeds
+    with error bars (seed_mean; or `points`, e.g. frontier.pooled_points), labelled with the hyper-parameter and
+    step if annotate. Best-of-N is drawn at its KL's analytic bound, log N − (N−1)/N (the true KL is at most
+    that): hollow markers with a bar down to KL 0."""
+    points = points if points is not None else seed_mean(rows)
     start = [p for p in points if p["method"] == "reference"]
     if start:
         ax.plot(start[0]["kl"], start[0]["reward"], "k*", ms=14, label="reference policy", zorder=5)
@@ -84,7 +96,7 @@ def draw_frontier(rows, ax, title="reward vs KL", ylabel="mean ground-truth rewa
             draw_best_of_n(ax, mine, annotate)
             continue
         params = list(dict.fromkeys(str(p["param"]) for p in mine))
-        for param, style in zip(params, LINE_STYLES * len(params)):
+        for index, (param, style) in enumerate(zip(params, LINE_STYLES * len(params))):
             line = sorted((p for p in mine if str(p["param"]) == param), key=lambda p: p["step"])
             label = " ".join(filter(None, (LABELS.get(method, method), param_label(method, line[0]["param"]))))
             seeds = max(p["seeds"] for p in line)
@@ -92,8 +104,8 @@ def draw_frontier(rows, ax, title="reward vs KL", ylabel="mean ground-truth rewa
             series = start[:1] + line
             ax.errorbar([p["kl"] for p in series], [p["reward"] for p in series],
                         xerr=[p["kl_err"] or 0 for p in series], yerr=[p["reward_err"] or 0 for p in series],
-                        fmt="o" + style, color=COLORS.get(method), ms=4, lw=1.2, capsize=2, elinewidth=0.8,
-                        label=label)
+                        fmt="o" + style, color=param_color(method, index, len(params)), ms=4, lw=1.2, capsize=2,
+                        elinewidth=0.8, label=label)
             if annotate:
                 for p in line:
                     ax.annotate(f"{param_label(method, p['param']) or LABELS.get(method, method)}, step {p['step']}",
@@ -105,7 +117,8 @@ def draw_frontier(rows, ax, title="reward vs KL", ylabel="mean ground-truth rewa
                    edgecolors="red", linewidths=1.4, zorder=6, label="degenerate samples (imdb.DEGENERATE)")
     ax.set(title=title, xlabel="KL(π ‖ π_ref)  (nats, sequence level, on held-out prefixes)", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if legend:
+        ax.legend(fontsize=7, ncol=2)
 
 
 def draw_best_of_n(ax, points, annotate=True):
@@ -121,11 +134,11 @@ def draw_best_of_n(ax, points, annotate=True):
                         fontsize=6, color=COLORS["best_of_n"])
 
 
-def plot_frontier(results_path, figure_path, title="reward vs KL", ylabel="mean ground-truth reward"):
-    """draw_frontier for a results.jsonl, saved to figure_path; returns the path."""
+def plot_frontier(results_path, figure_path, title="reward vs KL", ylabel="mean ground-truth reward", points=None):
+    """draw_frontier for a results.jsonl (or its points), saved to figure_path; returns the path."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 6.5))
-    draw_frontier(read_jsonl(results_path), ax, title, ylabel)
+    draw_frontier(read_jsonl(results_path), ax, title, ylabel, points=points)
     fig.tight_layout()
     fig.savefig(figure_path, dpi=100)
     plt.close(fig)
@@ -218,3 +231,47 @@ def plot_win_rates(results_path, figure_path=None, title="win rate", baseline="t
     fig.savefig(figure_path, dpi=100)
     plt.close(fig)
     return figure_path
+
+
+def plot_frontier_panels(points, title, ylabel, zoom=3.0):
+    """The frontier twice, from frontier.pooled_points: every point (left) and KL <= zoom nats (right), one legend
+    below both. Returns the figure."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    draw_frontier([], axes[0], f"{title}: every point", ylabel, annotate=False, points=points, legend=False)
+    near = [p for p in points if p["kl"] <= zoom]
+    draw_frontier([], axes[1], f"{title}: KL ≤ {zoom:g} nats", ylabel, annotate=False, points=near, legend=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
+def plot_matched(samples, a, b, rows, labels=("DPO", "PPO-GT")):
+    """Left: each seed's trajectory of a and b (mean reward vs mean KL over its evaluations, thin; the matched KLs
+    dotted). Right: the paired difference a − b at each matched KL (frontier.matched_kl rows) with ± 2 SE. Returns
+    the figure."""
+    from .frontier import trajectories
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    for (method, param), label, color in zip((a, b), labels, ("C3", "C9")):
+        for k, (seed, points) in enumerate(sorted(trajectories(samples, method, param).items())):
+            rewards = [sum(r.values()) / len(r) for _, _, r in points]
+            left.plot([kl for _, kl, _ in points], rewards, "o-", color=color, alpha=0.8, lw=1, ms=4,
+                      label=f"{label} ({param_label(method, param)}), one line per seed" if k == 0 else None)
+    for row in rows:
+        left.axvline(row["kl"], color="grey", ls=":", lw=0.8)
+    left.set(title="trajectories along training, seed by seed", xlabel="KL(π ‖ π_ref)  (nats, held-out prefixes)",
+             ylabel="mean reward of the evaluation")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    told = [r for r in rows if r["difference"] is not None and r["se"] is not None]
+    right.errorbar([r["kl"] for r in told], [r["difference"] for r in told], yerr=[2 * r["se"] for r in told],
+                   fmt="o-", color="k", capsize=4, label=f"{labels[0]} − {labels[1]}, ± 2 SE (paired over prefixes)")
+    right.axhline(0, color="grey", lw=1)
+    right.set(title="paired difference at the same KL", xlabel="KL(π ‖ π_ref)  (nats)",
+              ylabel=f"reward of {labels[0]} − reward of {labels[1]}")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
