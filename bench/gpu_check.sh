@@ -1,7 +1,8 @@
 #!/bin/bash
-# The GPU check of issue #27, one call, <= 8 minutes of device time: the benchmark at --size gpu (every minidpo row,
-# TRL's defaults, torch_compile=True and precompute_ref_log_probs=True; 20 warm-up + 50 timed steps, 3 alternating
-# rounds), then a torch.profiler table of one step of minidpo and of TRL. Output under $OUT (bench.log, profile.log,
+# The GPU check of issue #27, one call, <= 8 minutes of device time: the benchmark at --size gpu (minidpo's rows,
+# TRL's defaults, torch_compile=True and precompute_ref_log_probs=True; 20 warm-up + 50 timed steps, 2 alternating
+# rounds: 14 worker processes of ~20-30 s; 3 rounds would not fit), then a torch.profiler table of one step of
+# minidpo with prefix sharing and of TRL. Output under $OUT (bench.log, profile.log,
 # versions.txt), to be committed under docs/results/gpu_<machine>_<date>/.
 #
 # Before the call, here (the device machine has torch but not transformers or TRL; see the device tool's README):
@@ -20,8 +21,8 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONUNBUFFERE
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'trl', trl.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 t bench
-timeout 330 python3 bench/bench.py --size gpu --impl minidpo minidpo-precomputed-ref minidpo-prefix-sharing \
-  minidpo-precomputed-prefix-sharing minidpo-compile trl trl-compile trl-precomputed-ref 2>&1 | tee "$OUT/bench.log"
+timeout 380 python3 bench/bench.py --size gpu --rounds 2 --impl minidpo minidpo-precomputed-ref \
+  minidpo-prefix-sharing minidpo-compile trl trl-compile trl-precomputed-ref 2>&1 | tee "$OUT/bench.log"
 t profile
 timeout 90 python3 bench/bench.py --size gpu --rounds 0 --steps 1 --warmup 3 --impl minidpo-prefix-sharing trl \
   --profile 2>&1 | tee "$OUT/profile.log"

@@ -16,7 +16,8 @@ B (P + 2R) for prompts of P and responses of R tokens.
 
 Training uses it with RunConfig(prefix_sharing=True) (minidpo.runs) or --prefix_sharing. The model's attention must
 take a custom 4-D mask: "sdpa" and "eager" do (a boolean mask for sdpa, an additive one for eager); flash-attention
-kernels take none, and are refused.
+kernels take none, and are refused, as are models whose positions come from the 2-D mask (ALiBi: Bloom, MPT, Falcon;
+OPT) and packed pairs longer than a sliding window (the custom mask would drop it).
 """
 
 from __future__ import annotations
@@ -34,11 +35,19 @@ def response_parts(batch, side, b):
     return ids[:prompt_length], ids[prompt_length:]
 
 
-def pack_pairs(batch):
+def round_up(length, multiple):
+    return length + (-length % multiple)
+
+
+def pack_pairs(batch, multiple=1):
     """One right-padded sequence per pair, [prompt | chosen | rejected]. Returns input_ids (B, L), position_ids
     (B, L), the boolean 4-D mask (B, 1, L, L) (True: may attend), and for each side the positions whose logits
     predict its response tokens and those tokens, shifted as dpo.sequence_logps reads them (the logits at
-    positions[:, k] predict labels[:, k + 1]): positions (B, n + 1), labels (B, n + 1) starting with IGNORE_INDEX."""
+    positions[:, k] predict labels[:, k + 1]): positions (B, n + 1), labels (B, n + 1) starting with IGNORE_INDEX.
+    L and n + 1 are rounded up to a multiple of `multiple` (a compiled model then sees few shapes). The packing is
+    done on a CPU copy of the batch and moved to its device once: no per-token device reads."""
+    device = batch["chosen_input_ids"].device
+    batch = {key: value.cpu() for key, value in batch.items()}  # one copy, not one sync per row and token
     B = batch["chosen_input_ids"].shape[0]
     rows = []
     for b in range(B):
@@ -47,19 +56,17 @@ def pack_pairs(batch):
         if not torch.equal(prompt, prompt_r):
             raise ValueError(f"prefix sharing: pair {b} has different prompt tokens for chosen and rejected")
         rows.append((prompt, chosen, rejected))
-    length = max(len(p) + len(c) + len(r) for p, c, r in rows)
-    device = batch["chosen_input_ids"].device
-    input_ids = torch.zeros(B, length, dtype=torch.long, device=device)
-    position_ids = torch.zeros(B, length, dtype=torch.long, device=device)
-    lengths = torch.zeros(B, 3, dtype=torch.long)  # (prompt, chosen, rejected) token counts per pair
+    length = round_up(max(len(p) + len(c) + len(r) for p, c, r in rows), multiple)
+    input_ids = torch.zeros(B, length, dtype=torch.long)
+    position_ids = torch.zeros(B, length, dtype=torch.long)
+    lengths = torch.tensor([[len(part) for part in row] for row in rows])  # (B, 3): prompt, chosen, rejected
     for b, (prompt, chosen, rejected) in enumerate(rows):
         P, C, R = len(prompt), len(chosen), len(rejected)
         input_ids[b, :P + C + R] = torch.cat([prompt, chosen, rejected])
-        position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)]).to(device)
-        lengths[b] = torch.tensor([P, C, R])
-    mask = pair_mask(lengths, length).to(device)
-    reads = {side: read_positions(lengths, side, input_ids) for side in ("chosen", "rejected")}
-    return input_ids, position_ids, mask, reads
+        position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+    reads = {side: tuple(t.to(device) for t in read_positions(lengths, side, input_ids, multiple))
+             for side in ("chosen", "rejected")}
+    return input_ids.to(device), position_ids.to(device), pair_mask(lengths, length).to(device), reads
 
 
 def pair_mask(lengths, length):
@@ -76,10 +83,10 @@ def pair_mask(lengths, length):
     return allowed.unsqueeze(1)
 
 
-def read_positions(lengths, side, input_ids):
+def read_positions(lengths, side, input_ids, multiple=1):
     """For one side: (positions (B, n + 1), labels (B, n + 1)) as pack_pairs describes (the last position a
     placeholder); a token with no position before it (a response with an empty prompt: its first token) is not
-    scored, as in the two-sequence path."""
+    scored, as in the two-sequence path. lengths (B, 3) and input_ids (B, L) on the CPU."""
     per_row = []
     for b, (P, C, R) in enumerate(lengths.tolist()):
         if side == "chosen":
@@ -89,16 +96,32 @@ def read_positions(lengths, side, input_ids):
             token_at = list(range(P + C, P + C + R))
             predicted_by = [P - 1] + [t - 1 for t in token_at[1:]]
         kept = [(p, t) for p, t in zip(predicted_by, token_at) if p >= 0]
-        per_row.append(([p for p, _ in kept] + [0], [IGNORE_INDEX] + [int(input_ids[b, t]) for _, t in kept]))
-    n = max(len(positions) for positions, _ in per_row)
-    positions = torch.tensor([p + [0] * (n - len(p)) for p, _ in per_row], device=input_ids.device)
-    labels = torch.tensor([t + [IGNORE_INDEX] * (n - len(t)) for _, t in per_row], device=input_ids.device)
+        tokens = input_ids[b, [t for _, t in kept]].tolist()
+        per_row.append(([p for p, _ in kept] + [0], [IGNORE_INDEX] + tokens))
+    n = round_up(max(len(positions) for positions, _ in per_row), multiple)
+    positions = torch.tensor([p + [0] * (n - len(p)) for p, _ in per_row])
+    labels = torch.tensor([t + [IGNORE_INDEX] * (n - len(t)) for _, t in per_row])
     return positions, labels
+
+
+def min_prompt_length(batch):
+    """The shortest prompt of a collated batch, in tokens (one device read)."""
+    labels, mask = batch["chosen_labels"], batch["chosen_attention_mask"].bool()
+    return int(((labels == IGNORE_INDEX) & mask).sum(-1).min())
+
+
+POSITIONS_FROM_MASK = ("bloom", "mpt", "opt", "falcon")  # ALiBi or mask-derived positions: no position_ids to restart
 
 
 def model_mask(model, allowed):
     """The 4-D mask in the form the model's attention takes: boolean for sdpa, additive (0 / -inf) for eager."""
     config = getattr(model, "module", model).config  # a DDP wrapper holds the model in .module
+    if config.model_type in POSITIONS_FROM_MASK:
+        raise ValueError(f"prefix sharing: {config.model_type} derives positions from a 2-D attention mask")
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and allowed.shape[-1] > window:  # a custom 4-D mask replaces the model's own, window included
+        raise ValueError(f"prefix sharing: packed pairs of {allowed.shape[-1]} tokens exceed the sliding window "
+                         f"({window}) that a custom mask would drop")
     implementation = getattr(config, "_attn_implementation", "eager") or "eager"
     if implementation == "sdpa":
         return allowed
@@ -109,13 +132,14 @@ def model_mask(model, allowed):
     raise ValueError(f"prefix sharing needs an attention that takes a 4-D mask (sdpa or eager), not {implementation!r}")
 
 
-def shared_prefix_forward(model, batch, average=False, fast=True):
+def shared_prefix_forward(model, batch, average=False, fast=True, multiple=1):
     """log pi(y_w|x), log pi(y_l|x) of a collated batch from ONE sequence per pair (the module docstring).
-    The same values as dpo.concatenated_forward; returns (chosen_logps, rejected_logps), each (B,)."""
-    input_ids, position_ids, allowed, reads = pack_pairs(batch)
-    scored = [positions[:, :-1][labels[:, 1:] != IGNORE_INDEX] for positions, labels in reads.values()]
-    first = min((int(p.min()) for p in scored if p.numel()), default=0)
-    # logits only from the earliest position that predicts a response token on (prompt logits are never read)
+    The same values as dpo.concatenated_forward; returns (chosen_logps, rejected_logps), each (B,). multiple: pad the
+    packed lengths to a multiple of it (for a compiled model; logits are then kept from position 0)."""
+    input_ids, position_ids, allowed, reads = pack_pairs(batch, multiple)
+    # logits only from the earliest position that predicts a response token on (prompt logits are never read):
+    # the shortest prompt's last position (pack_pairs read it on the CPU); a compiled model keeps them all
+    first = 0 if multiple > 1 else max(min_prompt_length(batch) - 1, 0)
     logits = model(input_ids=input_ids, attention_mask=model_mask(model, allowed), position_ids=position_ids,
                    use_cache=False, logits_to_keep=input_ids.shape[1] - first).logits  # (B, L - first, V)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1)  # (B, 1)

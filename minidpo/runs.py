@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -103,10 +104,11 @@ class RunSafety(dpo.RunHooks):
 
     def __init__(self, config, resume_from):
         self.config, self.resume_from, self.signals, self.settings = config, resume_from, None, {}
-        forward = dpo.concatenated_forward
-        if config.prefix_sharing:  # the log-probs of a batch from one sequence per pair
-            from .prefix_sharing import shared_prefix_forward as forward
-        self.forward = padded_to(forward, COMPILE_MULTIPLE) if config.compile else forward
+        self.forward = padded_to(dpo.concatenated_forward, COMPILE_MULTIPLE) if config.compile \
+            else dpo.concatenated_forward
+        if config.prefix_sharing:  # the log-probs of a batch from one sequence per pair (padded inside when compiled)
+            from .prefix_sharing import shared_prefix_forward
+            self.forward = functools.partial(shared_prefix_forward, multiple=COMPILE_MULTIPLE if config.compile else 1)
 
     def tokenize(self, run, records):  # every bad record listed at once; skip_invalid drops them
         config = self.config

@@ -81,3 +81,16 @@ def test_the_figures_draw_from_samples(tmp_path):
     rows = frontier.matched_kl(samples, ("dpo", 0.05), ("ppo_gt", 1.0), kls=[0.6, 1.0])
     fig = plots.plot_matched(samples, ("dpo", 0.05), ("ppo_gt", 1.0), rows)
     assert [ax.get_xlabel() for ax in fig.axes][1].startswith("KL")
+
+
+def test_a_verdict_needs_every_seed_to_agree_and_params_match_as_numbers():
+    # Seed 0: DPO 0.3 above PPO-GT at every prefix; seed 1: 0.1 below. Mean +0.1, SE over prefixes 0 (every prefix
+    # alike), but the seeds disagree in sign: not told apart. Asked for with param 1 (an int), stored as 1.0.
+    samples = []
+    for seed, shift in ((0, 0.3), (1, -0.1)):
+        samples += trajectory("dpo", 0.05, seed, [(32, 0.0, shift), (64, 2.0, shift)])
+        samples += trajectory("ppo_gt", 1.0, seed, [(8, 0.0, 0.0), (16, 2.0, 0.0)])
+    (row,) = frontier.matched_kl(samples, ("dpo", 0.05), ("ppo_gt", 1), kls=[1.0])
+    assert row["difference"] == pytest.approx(0.1) and row["se"] == pytest.approx(0.0, abs=1e-12)
+    assert row["per_seed"] == pytest.approx({0: 0.3, 1: -0.1}) and row["seed_se"] == pytest.approx(0.2)
+    assert row["verdict"] == "not told apart"

@@ -250,6 +250,24 @@ def test_smoke_experiment_writes_every_method_and_a_figure(tmp_path):
     assert rm["eval_prefix_pairs"] > 0 and 0 <= rm["eval_prefix_accuracy"] <= 1
 
 
+def test_the_reward_models_accuracy_on_evaluation_prefixes_against_known_rewards(tmp_path):
+    # Oracle: a learned reward equal to the ground truth ranks every pair right, its negation none; ties of the
+    # ground truth (0.5, 0.5) and other prefixes' samples make no pair, and an empty completion is left out.
+    rows = [{"method": "reference", "prefix_index": p, "prefix": f"p{p}", "completion": c, "reward": r}
+            for p, c, r in ((0, " a", 0.1), (0, " b", 0.5), (0, " c", 0.5), (1, " d", 0.9), (1, " e", -0.2),
+                            (1, " ", 0.3))]
+    rows.append({"method": "dpo", "prefix_index": 0, "prefix": "p0", "completion": " z", "reward": 1.0})
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    truth = {r["completion"]: r["reward"] for r in rows}
+
+    class Experiment:
+        evaluate = type("Evaluate", (), {"samples_path": str(tmp_path / "samples.jsonl")})
+
+    right = imdb.eval_prefix_accuracy(Experiment, lambda batch: [truth[s["completion"]] for s in batch])
+    wrong = imdb.eval_prefix_accuracy(Experiment, lambda batch: [-truth[s["completion"]] for s in batch])
+    assert right == (1.0, 3) and wrong == (0.0, 3)  # (a, b), (a, c) and (d, e)
+
+
 def test_degeneracy_flags_early_stops_loops_and_lexicon_stuffing():
     # Oracle: samples written by hand, one failure mode each; VADER's lexicon as the reward's.
     from minidpo.rewards import VaderReward
@@ -375,9 +393,13 @@ def test_presets_fit_their_time_budgets_by_estimate(name, costs, budget_s):
 def test_evidence_presets_have_three_seeds_and_a_standard_error_of_002(name):
     scale = imdb.SCALES[name]
     assert scale.seeds >= 3 and {"dpo", "ppo_gt"} <= set(scale.seeded)
-    # VADER's std 0.5: 0.5 / sqrt(625) = 0.02 per point, or per matched comparison, which pools the seeds
-    pooled = scale.seeds if scale.matched else 1
-    assert scale.eval_prompts * scale.eval_samples * pooled >= 625
+    # VADER's std 0.5: 0.5 / sqrt(625) = 0.02 per point, or in the matched design per matched comparison, which
+    # pools the seeds (each point alone: <= 0.03)
+    if scale.matched:
+        assert scale.eval_prompts * scale.eval_samples * scale.seeds >= 625
+        assert imdb.reward_standard_error(scale) <= 0.03
+    else:
+        assert imdb.reward_standard_error(scale) <= 0.02 + 1e-9
 
 
 def test_the_matched_design_seeds_and_evaluates_only_the_two_trajectories():

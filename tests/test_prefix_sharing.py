@@ -100,6 +100,9 @@ def test_an_attention_that_takes_no_4d_mask_is_refused():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="sdpa or eager"):
         shared_prefix_forward(model, batch_of(tokenizer, PAIRS, "right"))
+    model.config._attn_implementation, model.config.sliding_window = "sdpa", 16  # a window the mask would drop
+    with pytest.raises(ValueError, match="sliding window"):
+        shared_prefix_forward(model, batch_of(tokenizer, PAIRS, "right"))
 
 
 def test_training_with_prefix_sharing_is_the_same_training(tmp_path):
@@ -119,18 +122,22 @@ def test_padding_for_compile_leaves_the_log_probs_alone(padding_side):
     seen = []
     spy = lambda model, batch, **kwargs: seen.append(batch["chosen_input_ids"].shape[1]) or dpo.concatenated_forward(  # noqa: E731
         model, batch, **kwargs)
-    for forward in (shared_prefix_forward, spy):
-        padded = padded_to(forward, 64)(model, batch)
-        for want, got in zip(dpo.concatenated_forward(model, batch, fast=False), padded):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    want = dpo.concatenated_forward(model, batch, fast=False)
+    for got in (padded_to(spy, 64)(model, batch), shared_prefix_forward(model, batch, multiple=64)):
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
     length = batch["chosen_input_ids"].shape[1]
     assert seen == [length + (-length % 64)] and seen[0] % 64 == 0 and seen[0] > length
+    input_ids, _, mask, reads = pack_pairs(batch, multiple=64)  # prefix sharing pads its packed pairs itself
+    assert input_ids.shape[1] % 64 == 0 and mask.shape[-1] % 64 == 0
+    assert all(positions.shape[1] % 64 == 0 for positions, _ in reads.values())
 
 
 def test_a_compiled_run_is_the_same_training(tmp_path):
     # The "eager" backend: dynamo captures the graphs (what recompiles) without generating code (CI has seconds).
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps them: an earlier test's graphs must not count
     plain = run(config(tmp_path, "plain", eval_every=2))
     compiled = run(config(tmp_path, "compiled", eval_every=2, compile="eager"))
     assert counters["stats"]["unique_graphs"] >= 1

@@ -14,7 +14,9 @@ Statistics, one kind per column:
 - a matched-KL difference: per seed, each method's per-prefix mean reward interpolated linearly in KL between the
   two evaluated steps around the KL asked for; per prefix the difference averaged over seeds; the mean over prefixes
   with its standard error over prefixes (paired: both methods saw the same prefixes with the same sampling stream);
-  and the per-seed estimates beside it.
+  beside it the per-seed estimates and their standard error over seeds (the training runs' spread). A verdict needs
+  both: beyond 2 SE over prefixes, and every seed's estimate of the same sign. The error of the KL at which each
+  trajectory is read (its KL is estimated from samples too) is not in either SE.
 """
 
 from __future__ import annotations
@@ -30,8 +32,13 @@ def read_samples(folder):
     return read_jsonl(os.path.join(folder, "samples.jsonl"))
 
 
+def param_key(param):
+    """A hyper-parameter as a comparable key: 1 and 1.0 alike, "-" as itself."""
+    return float(param) if isinstance(param, (int, float)) else str(param)
+
+
 def point_key(row):
-    return row["method"], str(row["param"]), row["step"]
+    return row["method"], param_key(row["param"]), row["step"]
 
 
 def clustered(values_by_prefix):
@@ -88,7 +95,7 @@ def trajectories(samples, method, param):
     over the samples that measured it)."""
     runs = {}
     for s in samples:
-        if s["method"] == method and str(s["param"]) == str(param):
+        if s["method"] == method and param_key(s["param"]) == param_key(param):
             runs.setdefault(s["seed"], {}).setdefault(s["step"], []).append(s)
     out = {}
     for seed, steps in runs.items():
@@ -116,9 +123,10 @@ def at_kl(points, kl):
 def matched_kl(samples, a, b, kls):
     """The paired difference a − b of mean reward at each KL in kls (a, b: (method, param)), seeds matched by
     number. Returns one row per KL: kl, difference, se (over prefixes of the seed-averaged per-prefix difference),
-    seeds (those whose two trajectories both bracket the KL), per_seed (each seed's mean difference), each
-    method's interpolated mean reward, and a verdict: "a higher" or "b higher" beyond 2 SE, else "not told apart"
-    (None where no seed brackets the KL)."""
+    seeds (those whose two trajectories both bracket the KL), per_seed (each seed's mean difference), seed_se (their
+    standard error over seeds; None with one seed), each method's interpolated mean reward, and a verdict: "a higher"
+    or "b higher" beyond 2 SE with every seed agreeing in sign, else "not told apart" (None where no seed brackets
+    the KL)."""
     runs_a, runs_b = trajectories(samples, *a), trajectories(samples, *b)
     out = []
     for kl in kls:
@@ -135,10 +143,14 @@ def matched_kl(samples, a, b, kls):
             for p, d in differences.items():
                 per_prefix.setdefault(p, []).append(d)
         difference, se = clustered({p: [sum(ds) / len(ds)] for p, ds in per_prefix.items()})
+        _, seed_se = clustered({seed: [d] for seed, d in per_seed.items()})
         verdict = None
         if difference is not None and se is not None:
-            verdict = "a higher" if difference > 2 * se else "b higher" if difference < -2 * se else "not told apart"
+            agree = all(d > 0 for d in per_seed.values()) or all(d < 0 for d in per_seed.values())
+            verdict = "not told apart" if abs(difference) <= 2 * se or not agree else \
+                "a higher" if difference > 0 else "b higher"
         out.append({"kl": kl, "difference": difference, "se": se, "seeds": sorted(per_seed), "per_seed": per_seed,
+                    "seed_se": seed_se,
                     "reward_a": sum(means["a"]) / len(means["a"]) if means["a"] else None,
                     "reward_b": sum(means["b"]) / len(means["b"]) if means["b"] else None, "verdict": verdict})
     return out
@@ -160,8 +172,8 @@ def show_samples(samples, shown, prefixes=3, seed=0, width=160, smoke=False):
     (method, param, step, label) in shown, with its reward, length, EOS and KL. smoke: lengths only (a random
     model writes random bytes)."""
     for method, param, step, label in shown:
-        mine = [s for s in samples if (s["method"], str(s["param"]), s["step"], s["seed"], s["sample"]) ==
-                (method, str(param), step, seed, 0) and s["prefix_index"] < prefixes]
+        mine = [s for s in samples if (s["method"], param_key(s["param"]), s["step"], s["seed"], s["sample"]) ==
+                (method, param_key(param), step, seed, 0) and s["prefix_index"] < prefixes]
         print(f"--- {label} ({method} {param}, step {step}, seed {seed})")
         for s in sorted(mine, key=lambda s: s["prefix_index"]):
             ending = "EOS" if s["eos"] else "cut at the budget" if not smoke else "no EOS"

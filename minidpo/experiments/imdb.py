@@ -2,7 +2,7 @@
 
     python -m minidpo.experiments.imdb --scale smoke        # tiny random GPT-2, toy reward: ~1 minute
     python -m minidpo.experiments.imdb --scale laptop       # SmolLM2-135M-Instruct + VADER, offline: ~30 min, 2 cores
-    python -m minidpo.experiments.imdb --scale laptop_long  # DPO and PPO-GT at matched KL, 3 seeds: ~1.6 h, 2 cores
+    python -m minidpo.experiments.imdb --scale laptop_long  # DPO and PPO-GT at matched KL, 3 seeds: ~2 h, 2 cores
     python -m minidpo.experiments.imdb --scale gpu          # the same assets, paper-sized budgets, bf16: one H100
     python -m minidpo.experiments.imdb --scale paper        # gpt2-large SFT on IMDb + siebert classifier, on a GPU
     python -m minidpo.experiments.imdb --scale laptop --estimate   # the estimated time only
@@ -107,7 +107,8 @@ SCALES = {
                     ppo=dict(iterations=16, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=16),
                     reward_model=dict(epochs=1, batch_size=8, lr=5e-5, train_layers=4, eval_every=24),
                     best_of=(4, 16), eval_samples=4, kl_samples=1),
-    # The evidence, the matched-KL design (matched), designed for ~95 min alone on 2 cores by estimate_seconds: DPO
+    # The evidence, the matched-KL design (matched): 89 min by estimate_seconds, 2 h 1.5 min measured (2026-12-04, a
+    # 2-core AMD EPYC: the per-token costs are ~35 % low there; docs/results/imdb_laptop_long_*). DPO
     # at beta 0.05 and PPO-GT at target 1 each with 3 seeds, evaluated along training (DPO every 32 steps, PPO-GT
     # every 8 iterations) so that their KL ranges overlap and their rewards can be compared at the same KL; every
     # other run once, evaluated at its end. 134 prefixes x 4 samples (~800 pairs, 1.3 epochs in 128 steps), the top
