@@ -311,7 +311,7 @@ def tokenize_records(tokenizer, records, max_length=512, max_prompt_length=256, 
 def drop_eos_of_truncated(example, record, eos_token_id):
     """A response that a sampler cut at its token budget did not end: a record marking it ("chosen_truncated" or
     "rejected_truncated" true) gets no closing EOS on that side, so the policy is not taught to stop where the sampler
-    stopped (the authors' code and TRL append EOS only to the text a response has). Returns the example."""
+    stopped (the authors' code and TRL append EOS to every response: theirs are whole texts). Returns the example."""
     for side in ("chosen", "rejected"):
         if record.get(f"{side}_truncated") and example[f"{side}_input_ids"][-1] == eos_token_id:
             example[f"{side}_input_ids"] = example[f"{side}_input_ids"][:-1]

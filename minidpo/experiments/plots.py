@@ -239,8 +239,10 @@ def plot_frontier_panels(points, title, ylabel, zoom=3.0):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
     draw_frontier([], axes[0], f"{title}: every point", ylabel, annotate=False, points=points, legend=False)
-    near = [p for p in points if p["kl"] <= zoom]
-    draw_frontier([], axes[1], f"{title}: KL ≤ {zoom:g} nats", ylabel, annotate=False, points=near, legend=False)
+    draw_frontier([], axes[1], f"{title}: KL ≤ {zoom:g} nats", ylabel, annotate=False, points=points, legend=False)
+    near = [p["reward"] for p in points if p["kl"] <= zoom]  # the same lines and colours, the view cut
+    margin = 0.05 * (max(near) - min(near) or 1)
+    axes[1].set(xlim=(-0.05 * zoom, zoom), ylim=(min(near) - 2 * margin, max(near) + 2 * margin))
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.12, 1, 1))
