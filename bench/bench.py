@@ -453,7 +453,8 @@ def datasheet_peak(args, device):
 def print_table(results, ceiling, args, cfg, device):
     """One row per implementation: the median over rounds of each round's mean step time (min–max beside it),
     pairs/s and tokens/s from it, MFU against the measured matmul ceiling (and the datasheet peak on a GPU), the
-    first-step loss (the same in every row: the same workload) and peak memory."""
+    first logged loss (the same in every minidpo row; TRL's Trainer shuffles, so its first batch differs: the check
+    on one identical batch is printed above the table) and peak memory."""
     import platform
 
     import torch
