@@ -21,9 +21,9 @@ Statistics, one kind per column:
 
 from __future__ import annotations
 
-import math
 import os
 
+from .imdb import mean_and_se
 from .plots import read_jsonl
 
 
@@ -42,17 +42,11 @@ def point_key(row):
 
 
 def clustered(values_by_prefix):
-    """(mean, standard error) over prefixes of {prefix: [values]}: the mean of all values, the std of the prefix
-    means over sqrt(prefixes). The SE is None with fewer than 2 prefixes."""
+    """(mean, standard error) over prefixes of {prefix: [values]}: imdb.mean_and_se's, clustered by prefix (the SE
+    None with fewer than 2 prefixes; both None without values)."""
     values = [v for vs in values_by_prefix.values() for v in vs]
-    means = [sum(vs) / len(vs) for vs in values_by_prefix.values() if vs]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(means) < 2:
-        return mean, None
-    grand = sum(means) / len(means)
-    return mean, math.sqrt(sum((m - grand) ** 2 for m in means) / (len(means) - 1) / len(means))
+    prefixes = [p for p, vs in values_by_prefix.items() for _ in vs]
+    return mean_and_se(values, prefixes) if values else (None, None)
 
 
 def pooled_points(samples, results):
