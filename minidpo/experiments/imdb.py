@@ -67,7 +67,9 @@ class Scale:
     dpo_betas: tuple[float, ...] = (0.1, 1.0)
     ul_alphas: tuple[float, ...] = (0.1, 1.0)
     ppo_targets: tuple[float, ...] = (6.0,)  # target KLs of PPO-GT and PPO (learned reward) alike
+    learned_ppo_targets: tuple[float, ...] | None = None  # PPO (learned reward) at these instead
     ppo: dict = field(default_factory=dict)  # PPOConfig overrides
+    ppo_eval_early: tuple[int, ...] = ()  # PPO also evaluated at these iterations (its KL grows fastest at first)
     reward_model: dict = field(default_factory=dict)  # RewardModelConfig overrides (the learned reward)
     best_of: tuple[int, ...] = (4, 16)
     train_layers: int = 0  # train only the top N transformer blocks (0: all)
@@ -107,18 +109,20 @@ SCALES = {
                     ppo=dict(iterations=16, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=16),
                     reward_model=dict(epochs=1, batch_size=8, lr=5e-5, train_layers=4, eval_every=24),
                     best_of=(4, 16), eval_samples=4, kl_samples=1),
-    # The evidence, the matched-KL design (matched): 89 min by estimate_seconds, 2 h 1.5 min measured (2026-12-04, a
-    # 2-core AMD EPYC: the per-token costs are ~35 % low there; docs/results/imdb_laptop_long_*). DPO
-    # at beta 0.05 and PPO-GT at target 1 each with 3 seeds, evaluated along training (DPO every 32 steps, PPO-GT
-    # every 8 iterations) so that their KL ranges overlap and their rewards can be compared at the same KL; every
-    # other run once, evaluated at its end. 134 prefixes x 4 samples (~800 pairs, 1.3 epochs in 128 steps), the top
-    # 6 blocks trained. Held-out: 80 prefixes x 4 samples = 320 rewards per point (standard error ~0.03 each; the
-    # matched comparison pools 3 seeds: 960 per method), KL on one sample per prefix. Reward model: 3 epochs, the
-    # best validation checkpoint (the paper's).
-    "laptop_long": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=80, new_tokens=24,
+    # The evidence, the matched-KL design (matched), designed for ~110 min alone on 2 cores: 80 min by
+    # estimate_seconds x 1.37, what the November costs under-estimated on a 2-core AMD EPYC (89 min estimated,
+    # 2 h 1.5 min measured for the previous design, every part 1.2-1.6x). DPO at beta 0.05 and PPO-GT at target 1
+    # each with 3 seeds, evaluated along training (DPO every 32 steps; PPO-GT at iterations 2, 4, then every 8, as
+    # its KL grows fastest at first) so that their KL ranges overlap and their rewards can be compared at the same
+    # KL; every other run once, evaluated at its end. 134 prefixes x 4 samples (~800 pairs, 1.3 epochs in 128
+    # steps), the top 6 blocks trained. Held-out: 72 prefixes x 4 samples = 288 rewards per point (standard error
+    # ~0.03 each; the matched comparison pools 3 seeds: 864 per method), KL on one sample per prefix. Reward model:
+    # 3 epochs, the best validation checkpoint (the paper's); PPO with it at target 1 only.
+    "laptop_long": Scale(model="smollm2", reward="vader", train_prompts=134, eval_prompts=72, new_tokens=24,
                          steps=128, eval_every=32, ppo_eval_every=8, batch_size=8, lr=5e-5, train_layers=6,
                          dpo_betas=(0.05, 0.1, 1.0, 5.0), ul_alphas=(0.1, 1.0), ppo_targets=(1.0, 4.0),
-                         ppo=dict(iterations=32, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=32),
+                         learned_ppo_targets=(1.0,), ppo_eval_early=(2, 4),
+                         ppo=dict(iterations=24, rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-4, horizon=32),
                          reward_model=dict(epochs=3, batch_size=8, lr=5e-5, train_layers=6, eval_every=25),
                          best_of=(4, 16), best_of_picks=1, eval_samples=4, kl_samples=1, seeds=3,
                          seeded=("dpo", "ppo_gt"), matched=True),
@@ -178,11 +182,8 @@ def estimate_seconds(scale, methods=None, costs=LAPTOP_COSTS):
     def cost(method, params, train):
         """Every run of `method` at each of `params`: its seeds x (training + its evaluations)."""
         return sum(len(run_seeds(scale, method, 0, param))
-                   * (train + evaluation * (length(method) // evaluation_interval(scale, method, param)))
+                   * (train + evaluation * len(evaluation_steps(scale, method, param)))
                    for param in params)
-
-    def length(method):
-        return ppo_config.iterations if method in ("ppo_gt", "ppo") else scale.steps
 
     part = {"load": c["load"], "pairs": scale.train_prompts * scale.samples * scale.new_tokens * c["sample_token"],
             "evaluation (each)": evaluation}
@@ -204,7 +205,7 @@ def estimate_seconds(scale, methods=None, costs=LAPTOP_COSTS):
                                                                          + ppo_config.ppo_epochs * step_token))
     for method in ("ppo_gt", "ppo"):
         if method in methods:
-            part[method] = cost(method, scale.ppo_targets, one_ppo)
+            part[method] = cost(method, ppo_targets(scale, method), one_ppo)
     if "best_of_n" in methods:
         candidates = scale.eval_prompts * scale.best_of_picks * sum(scale.best_of)
         part["best_of_n"] = candidates * (scale.new_tokens * c["sample_token"] + tokens * c["forward_token"]) \
@@ -428,12 +429,22 @@ def run_seeds(scale, method, seed, param=None):
     return [seed + k for k in range(scale.seeds if seeded else 1)]
 
 
-def evaluation_interval(scale, method, param):
-    """Steps (PPO: iterations) between evaluations of a run: eval_every / ppo_eval_every, or in the matched design
-    only at the end of every run but the two trajectories."""
-    iterations = PPOConfig(**scale.ppo).iterations if method in ("ppo_gt", "ppo") else scale.steps
-    every = scale.ppo_eval_every if method in ("ppo_gt", "ppo") else scale.eval_every
-    return iterations if scale.matched and not is_trajectory(scale, method, param) else every
+def ppo_targets(scale, method):
+    """The target KLs PPO-GT ("ppo_gt") or PPO with the learned reward ("ppo") runs at."""
+    learned = method == "ppo" and scale.learned_ppo_targets is not None
+    return scale.learned_ppo_targets if learned else scale.ppo_targets
+
+
+def evaluation_steps(scale, method, param):
+    """The steps (PPO: iterations) after which a run is evaluated: every eval_every / ppo_eval_every, PPO also at
+    ppo_eval_early; in the matched design every run but the two trajectories only at its end."""
+    ppo = method in ("ppo_gt", "ppo")
+    length = PPOConfig(**scale.ppo).iterations if ppo else scale.steps
+    if scale.matched and not is_trajectory(scale, method, param):
+        return [length]
+    every = scale.ppo_eval_every if ppo else scale.eval_every
+    early = scale.ppo_eval_early if ppo else ()
+    return sorted({step for step in early if 0 < step <= length} | set(range(every, length + 1, every)))
 
 
 def seed_folder(folder, run_seed, seed):
@@ -470,10 +481,9 @@ class Experiment:
         return freeze_all_but_top(copy.deepcopy(self.reference).requires_grad_(True).train(), self.scale.train_layers)
 
     def evaluating(self, method, param, run_seed):
-        """A training callback: evaluate the policy every evaluation_interval steps (PPO: iterations)."""
-        every = evaluation_interval(self.scale, method, param)
-        return lambda step, policy: (self.evaluate(policy, method, param, step, run_seed) if step and step % every == 0
-                                     else None)
+        """A training callback: evaluate the policy after each of its evaluation_steps (PPO: iterations)."""
+        steps = set(evaluation_steps(self.scale, method, param))
+        return lambda step, policy: self.evaluate(policy, method, param, step, run_seed) if step in steps else None
 
 
 def run_experiment(scale, scale_name, out, seed, methods, device, dtype):
@@ -614,7 +624,7 @@ def train_ppo(experiment, learned_reward):
     for method in ("ppo_gt", "ppo"):
         if method not in experiment.methods:
             continue
-        for target in scale.ppo_targets:
+        for target in ppo_targets(scale, method):
             for run_seed in run_seeds(scale, method, experiment.seed, target):
                 config = PPOConfig(max_new_tokens=scale.new_tokens, target_kl=target, seed=run_seed, **scale.ppo)
                 score = experiment.evaluate.score if method == "ppo_gt" else learned_reward
