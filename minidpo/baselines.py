@@ -66,7 +66,7 @@ def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1
     length. callback(step, policy) runs before the first step and after each. optimizer (adamw | rmsprop) and
     warmup_steps as sft.fit's. Returns the per-step losses."""
     from .data import tokenize_records
-    from .dpo import collate, position_ids_from_mask, token_logps
+    from .dpo import collate, position_ids_from_mask, to_device, token_logps
     from .sft import fit, sft_train
 
     if method not in BASELINES:
@@ -83,7 +83,7 @@ def train_baseline(method, policy, tokenizer, records, steps, batch_size=8, lr=1
     examples, _ = tokenize_records(tokenizer, records, max_length, max_prompt_length, verbose=False)  # as DPO's
 
     def step_loss(idx):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
+        batch = to_device(collate([examples[i] for i in idx], tokenizer.pad_token_id), device)
         per_kind = {}
         for kind in ("chosen", "rejected"):
             mask = batch[f"{kind}_attention_mask"]

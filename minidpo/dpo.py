@@ -41,8 +41,7 @@ def token_logps(logits, labels, fast=False, overwrite=False):
     labels: (B, T) the same token ids, with IGNORE_INDEX on prompt and padding positions.
     fast: the same numbers through log_softmax_at (appendix), which saves memory and time on a CPU;
     overwrite (fast only): its backward may write into the logits' memory (for logits nothing else reads).
-    Returns (token_logps, mask), each (B, T-1); token_logps is 0 where mask is False.
-    """
+    Returns (token_logps, mask), each (B, T-1); token_logps is 0 where mask is False."""
     labels = labels[:, 1:]  # (B, T-1) off by one: the logits at position t predict the token at t + 1
     mask = labels != IGNORE_INDEX  # (B, T-1) prompt tokens are conditioning, not predictions
     safe_labels = labels.masked_fill(~mask, 0)  # any valid index: these positions are dropped below
@@ -79,8 +78,7 @@ def check_loss_arguments(beta, loss_type, label_smoothing):
     if not 0.0 <= label_smoothing < 0.5:  # at 0.5 the labels carry no information
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps,
-             reference_chosen_logps, reference_rejected_logps,
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False):
     """Eq. 7 and its variants. Inputs (B,) log-probs; returns (losses, chosen_rewards, rejected_rewards), each (B,).
 
@@ -119,8 +117,7 @@ def gradient_weights(chosen_rewards, rejected_rewards):
     """sigma(r_hat(x, y_l) - r_hat(x, y_w)): how much each pair pushes the policy. (B,), (B,) -> (B,).
 
     Large when the implicit reward ranks the pair wrongly, near 0 when it already ranks it right by a wide margin: the
-    weight that keeps DPO from degenerating like unlikelihood training.
-    """
+    weight that keeps DPO from degenerating like unlikelihood training."""
     return torch.sigmoid(rejected_rewards - chosen_rewards)
 
 # ==== 5. Batching: tokenise a pair, pad a batch, one forward for chosen and rejected together ===============
@@ -147,8 +144,7 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=512, max_promp
     Prompt and response are tokenised separately and concatenated, so the labels decode exactly to the response and both
     responses share the prompt's tokens. EOS ends every response. If prompt + response is longer than max_length: keep
     the last max_prompt_length prompt tokens, then cut the response from the right, keeping its EOS. A response is never
-    dropped entirely: ValueError. with_cuts: return (dict, {"prompt": bool, "response": bool}), what truncation cut.
-    """
+    dropped entirely: ValueError. with_cuts: return (dict, {"prompt": bool, "response": bool}), what truncation cut."""
     check_record({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     prompt_ids, responses, cuts = tokenize_responses(tokenizer, prompt, (chosen, rejected), max_length,
                                                      max_prompt_length)
@@ -200,26 +196,28 @@ def pad_sequences(sequences, pad_token_id, padding_side="right"):
     return input_ids, attention_mask, labels
 
 def collate(examples, pad_token_id, padding_side="right"):
-    """tokenize_pair outputs -> chosen_/rejected_ input_ids, attention_mask, labels, each (B, T), one T for all."""
+    """tokenize_pair outputs -> chosen_/rejected_ input_ids, attention_mask, labels, each (B, T), one T for all, and
+    logits_from: the first position whose logits predict a response token (read here, on the host: batch_logps)."""
     sequences = [(ex[f"{k}_input_ids"], ex[f"{k}_labels"]) for k in ("chosen", "rejected") for ex in examples]
     input_ids, attention_mask, labels = pad_sequences(sequences, pad_token_id, padding_side)  # (2B, T) each
-    B = len(examples)
-    batch = {}
+    B, batch = len(examples), {"logits_from": first_logit(labels)}
     for k, part in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
         batch.update({f"{k}_input_ids": input_ids[part], f"{k}_attention_mask": attention_mask[part],
                       f"{k}_labels": labels[part]})
     return batch
 
+def first_logit(labels):
+    """The position before the earliest response token: earlier logits predict prompt tokens. (N, T) -> int."""
+    return max(int((labels != IGNORE_INDEX).to(torch.uint8).argmax(-1).min()) - 1, 0)
+
 def position_ids_from_mask(attention_mask):
     """Positions count real tokens only: a left-padded sequence starts at 0 like an unpadded one. (B, T) -> (B, T)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-def batch_logps(model, input_ids, attention_mask, labels, average=False, fast=False):
-    """log pi(y|x) of each padded sequence (N, T) -> (N,)."""
-    # lm_head is most of a small model's FLOPs: apply it only from the position before the earliest
-    # response token on, since earlier logits predict prompt tokens.
-    is_response = labels != IGNORE_INDEX  # (N, T)
-    start = max(int(is_response.to(torch.uint8).argmax(-1).min()) - 1, 0)
+def batch_logps(model, input_ids, attention_mask, labels, average=False, fast=False, start=None):
+    """log pi(y|x) of each padded sequence (N, T) -> (N,). lm_head is most of a small model's FLOPs: it is applied
+    only from `start` on (default: first_logit(labels), a read back from the device that collate saves a step)."""
+    start = first_logit(labels) if start is None else start
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(
         attention_mask), use_cache=False, logits_to_keep=labels.shape[1] - start).logits  # (N, T - start, V)
     # With fast, these logits are ours alone: the backward may write their gradient into their memory.
@@ -230,7 +228,7 @@ def concatenated_forward(model, batch, average=False, fast=True):
     through the weights instead of two). Returns (chosen_logps, rejected_logps), each (B,)."""
     stacked = [torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])  # (2B, T)
                for key in ("input_ids", "attention_mask", "labels")]
-    logps = batch_logps(model, *stacked, average=average, fast=fast)  # (2B,)
+    logps = batch_logps(model, *stacked, average=average, fast=fast, start=batch.get("logits_from"))  # (2B,)
     B = batch["chosen_input_ids"].shape[0]
     return logps[:B], logps[B:]
 
@@ -240,15 +238,13 @@ def implicit_reward_scores(policy, reference, tokenizer, prompts, responses, bet
     """Your language model is secretly a reward model: r_hat(x, y) of any responses. Returns (N,).
 
     prompts: one prompt for every response, or a list of N; responses: a list of N strings. Tokenised as tokenize_pair
-    does, so on a training pair these are the loss's own rewards.
-    """
+    does, so on a training pair these are the loss's own rewards."""
     prompts = [prompts] * len(responses) if isinstance(prompts, str) else list(prompts)
     scores = []
     for start in range(0, len(responses), batch_size):
         sequences = []
         for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
-            prompt_ids, (ids,), _ = tokenize_responses(tokenizer, prompt, (response,), max_length,
-                                                       max_prompt_length)
+            prompt_ids, (ids,), _ = tokenize_responses(tokenizer, prompt, (response,), max_length, max_prompt_length)
             sequences.append((prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids))
         batch = [t.to(next(policy.parameters()).device) for t in pad_sequences(sequences, tokenizer.pad_token_id)]
         policy_logps = batch_logps(policy, *batch, average=average)  # (b,)
@@ -286,6 +282,7 @@ class TrainConfig:
     max_steps: int = 0  # train for exactly this many optimizer steps, as many epochs as that takes (0: use epochs)
     # the run
     eval_every: int = 100  # evaluate every N optimizer steps, and at the end (0: only at the end)
+    log_every: int = 1  # read the metrics back to the host every N steps (between them a GPU step never waits)
     seed: int = 0  # data order and initialisation
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     disable_dropout: bool = True  # dropout off in the policy, so policy == reference at step 0 exactly
@@ -310,16 +307,16 @@ def train(config, train_records, eval_records=None, model=None, tokenizer=None, 
         callback(run.step, run.policy)
     with progress, run.hooks.around_loop(run):
         while run.step < run.total_steps:
-            row = train_step(run)
-            log(run, row)
+            run.unwritten.append(train_step(run))  # its values stay on the device until read_back
+            read_back(run, every=config.log_every)
             progress.update(1)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
             if config.eval_every and run.step % config.eval_every == 0 and run.step < run.total_steps:
                 log_eval(run, progress)
             if run.master and callback is not None:
                 callback(run.step, run.policy)
             run.hooks.after_step(run)
         log_eval(run, progress)
+        read_back(run)
     if run.master:
         run.hooks.save_final(run)
     if run.world_size > 1:
@@ -340,13 +337,11 @@ class RunHooks:
                 name = record.get("_source", f"record {i}") if isinstance(record, dict) else f"record {i}"
                 raise ValueError(f"{name}: {e}") from None
         return examples
-
     forward = staticmethod(concatenated_forward)  # -> (chosen, rejected) log-probs of a batch (runs: prefix sharing)
     def start(self, run): return 0  # -> the step to start from (runs: resume from a checkpoint)
     def reference_logps(self, run): return None, None  # -> precomputed (chosen, rejected) of train, eval, or None
     def around_loop(self, run): return contextlib.nullcontext()  # the loop runs inside it (runs: signals)
-    def after_step(self, run): pass  # on every rank after every step (runs: checkpoints, a stop on a signal)
-
+    def after_step(self, run): pass  # on every rank after every step (runs: read_back, checkpoints, signals)
     def save_final(self, run):  # on the master rank after the last evaluation
         run.policy.save_pretrained(os.path.join(run.config.out, "final"))
         run.tokenizer.save_pretrained(os.path.join(run.config.out, "final"))
@@ -376,7 +371,7 @@ class Run:
     scheduler: object = None
     step: int = 0  # optimizer steps done
     logged: list = field(default_factory=list)  # every metrics row of this process
-    unwritten: list = field(default_factory=list)  # rows waiting for the first step to be written
+    unwritten: list = field(default_factory=list)  # rows not yet read back and written (read_back)
 
 def prepare_run(config, train_records, eval_records, model, tokenizer, hooks):
     """Everything the loop needs, checked before the slow parts: examples, models, optimizer, step."""
@@ -435,7 +430,7 @@ def validate_config(config, world_size=1):
         raise ValueError("lr must be > 0, epochs >= 1, and warmup_steps, max_steps and rpo_alpha >= 0")
 
 def train_step(run):
-    """One optimizer step on the next global batch; returns its metrics row."""
+    """One optimizer step on the next global batch; returns its metrics row, its values still on the device."""
     config, device = run.config, run.device
     epoch, position = divmod(run.step, run.steps_per_epoch)  # the order depends only on (seed, epoch): resume
     global_batch = batch_order(len(run.train_examples), config.batch_size, config.seed, epoch)[position]  # lands on it
@@ -449,20 +444,16 @@ def train_step(run):
         with run.autocast():
             loss, stats = dpo_batch_loss(run.ddp_policy, run.reference, batch, config, reference_logps,
                                          run.hooks.forward)
-        if all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))], device=device), run.world_size).item():
-            raise FloatingPointError(f"step {run.step + 1}: the loss is {loss.item()} on micro-batch {micro} (records "
-                                     f"{indices[:8]}...); stopped before the update (a saved checkpoint is intact)")
         (loss / config.grad_accum).backward()
         stats_and_counts.append((stats, len(indices)))
-    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(run.policy), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(run.policy), max(config.max_grad_norm, 0) or math.inf)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"step": run.step, "split": "train", **reduce_stats(stats_and_counts, run.world_size, device),
-            "lr": lr, "grad_norm": grad_norm.item()}
+    means = reduce_stats(stats_and_counts, run.world_size, device)  # (len(METRIC_KEYS),)
+    return {"step": run.step, "split": "train", **dict(zip(METRIC_KEYS, means)), "lr": lr, "grad_norm": grad_norm}
 
 def dpo_batch_loss(policy, reference, batch, config, reference_logps=None, forward=concatenated_forward):
     """The loss and per-example statistics of one micro-batch, its log-probs from forward (RunHooks.forward).
@@ -498,22 +489,30 @@ def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_l
             "logps/rejected": policy_rejected_logps.detach().mean()}
 
 def reduce_stats(stats_and_counts, world_size, device):
-    """Example-weighted means of preference_metrics over micro-batches and ranks -> {key: float}."""
+    """Example-weighted means of preference_metrics over micro-batches and ranks, on the device: (len(METRIC_KEYS),)."""
     sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=device)
     for stats, count in stats_and_counts:
         sums[:-1] += torch.stack([stats[k].double() for k in METRIC_KEYS]) * count
         sums[-1] += count
     all_reduce_sum(sums, world_size)
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(METRIC_KEYS)}
+    return sums[:-1] / sums[-1]
 
-def log(run, row):
-    """Keep the row, append it to metrics.jsonl; rows before the first step wait (a run that fails leaves no log)."""
-    run.logged.append(row)
-    run.unwritten.append(row)
-    if run.master and run.step > 0:
+def read_back(run, every=1):
+    """Every `every` steps: the rows' device values read back in ONE transfer, then logged (from step 1 on: a failed run
+    leaves no log). A non-finite loss or grad norm stops the run here, after its update, before any later checkpoint."""
+    if run.step == 0 or run.step % every or not run.unwritten:
+        return
+    rows, run.unwritten = run.unwritten, []
+    on_device = [(row, k) for row in rows for k, v in row.items() if torch.is_tensor(v)]
+    for (row, k), value in zip(on_device, torch.stack([row[k].double() for row, k in on_device]).tolist()):
+        row[k] = value
+    bad = next((i for i, row in enumerate(rows) if not math.isfinite(row["loss"] + row.get("grad_norm", 0))), len(rows))
+    run.logged.extend(rows[:bad])
+    if run.master:
         with open(os.path.join(run.config.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in run.unwritten)
-        run.unwritten = []
+            f.writelines(json.dumps(r) + "\n" for r in rows[:bad])
+    if bad < len(rows):
+        raise FloatingPointError(f"step {rows[bad]['step']} is not finite: {rows[bad]}")
 
 @torch.no_grad()
 def log_eval(run, progress):
@@ -532,11 +531,11 @@ def log_eval(run, progress):
                                       reference_logps, run.hooks.forward)
         stats_and_counts.append((stats, len(indices)))
     run.policy.train()
-    row = {"step": run.step, "split": "eval", **reduce_stats(stats_and_counts, run.world_size, run.device)}
-    log(run, row)
+    means = reduce_stats(stats_and_counts, run.world_size, run.device)  # (len(METRIC_KEYS),)
+    run.unwritten.append(row := {"step": run.step, "split": "eval", **dict(zip(METRIC_KEYS, means))})
+    read_back(run)  # its values are floats from here on (at step 0 they wait for step 1, and format as tensors)
     if run.master:
-        progress.write(f"eval step {run.step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
-                       f"margin {row['rewards/margin']:.4f}")
+        progress.write(f"eval step {run.step}: loss {row['loss']:.4f} margin {row['rewards/margin']:.4f}")
 
 # ---- the optimizer, models, ranks and batches ------------------------------------------------------
 
@@ -606,8 +605,10 @@ def shard(indices, grad_accum, rank, world_size):
     per_rank = micro // world_size
     return [indices[a * micro + rank * per_rank: a * micro + (rank + 1) * per_rank] for a in range(grad_accum)]
 
-def to_device(batch, device):
-    return {key: tensor.to(device) for key, tensor in batch.items()}
+def to_device(batch, device):  # to a GPU from pinned memory: the copy does not wait for the queued kernels
+    cuda = device.type == "cuda"
+    return {key: (value.pin_memory() if cuda else value).to(device, non_blocking=cuda) if torch.is_tensor(value)
+            else value for key, value in batch.items()}
 
 # ==== Appendix: a faster log-softmax at the labels (what token_logps(fast=True) uses) =======================
 
@@ -639,7 +640,7 @@ class _LogSoftmaxAt(torch.autograd.Function):
             torch.sub(flat[block], lse[block], out=grad_flat[block]).exp_().mul_(-g[block])
         grad_flat.scatter_add_(-1, labels.reshape(-1, 1), g)  # + 1[j = y] * g
         unused = (g == 0) & ~lse.isfinite()  # NaN logits of a fully masked padding row: no gradient
-        if unused.any():
+        if flat.device.type != "cpu" or unused.any():  # on a GPU unconditionally: no read back to the host
             grad_flat.masked_fill_(unused, 0.0)
         return grad_flat.view(ctx.shape), None, None
 

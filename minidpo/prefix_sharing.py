@@ -47,7 +47,7 @@ def pack_pairs(batch, multiple=1):
     L and n + 1 are rounded up to a multiple of `multiple` (a compiled model then sees few shapes). The packing is
     done on a CPU copy of the batch and moved to its device once: no per-token device reads."""
     device = batch["chosen_input_ids"].device
-    batch = {key: value.cpu() for key, value in batch.items()}  # one copy, not one sync per row and token
+    batch = {key: value.cpu() for key, value in batch.items() if torch.is_tensor(value)}  # one copy, not one per token
     B = batch["chosen_input_ids"].shape[0]
     rows = []
     for b in range(B):

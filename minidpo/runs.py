@@ -22,7 +22,8 @@ What you can rely on
   as the model sees them), is an error listing each change.
 - Preemption. SIGTERM (what a scheduler sends) or Ctrl-C: the current step finishes, the checkpoint is saved and
   TrainingStopped is raised (the command line exits 0); under DDP all ranks stop at the same step. A second Ctrl-C
-  stops at once. A non-finite loss stops the run before its update (dpo.train_step), the last checkpoint intact.
+  stops at once. A non-finite loss or grad norm stops the run when it is read back (dpo.read_back: every --log_every
+  steps, and before every checkpoint): after its update, the last checkpoint intact.
 - A reference computed once. With precompute_ref, the reference log-probs are computed before the first step and
   saved in <out>/reference_logps.pt (or reference_logps_file, which runs from the same reference share); a restart
   reuses them, and a file computed for other data, another model or other settings is recomputed, never reused.
@@ -67,7 +68,7 @@ class RunConfig(dpo.TrainConfig):
     compile: str = ""  # torch.compile backend of policy and reference ("": none; "inductor": torch's compiler)
 
 
-MAY_CHANGE_ON_RESUME = {"out", "eval_every", "save_every", "max_steps", "epochs", "num_threads", "resume",
+MAY_CHANGE_ON_RESUME = {"out", "eval_every", "log_every", "save_every", "max_steps", "epochs", "num_threads", "resume",
                         "overwrite", "progress", "skip_invalid", "precompute_ref", "reference_logps_file",
                         "prefix_sharing", "compile"}  # the last two: the same computation, another schedule
 FINGERPRINTS = ("train_data", "eval_data", "initial_weights")  # saved with the settings, compared on resume
@@ -149,10 +150,16 @@ class RunSafety(dpo.RunHooks):
         return self.signals
 
     def after_step(self, run):  # a checkpoint when one is due; a stop, with a checkpoint, when a signal came
-        if run.master and run.step % self.save_every == 0 and run.step < run.total_steps:
+        due = run.step % self.save_every == 0 and run.step < run.total_steps
+        stop = self.signals.received is not None
+        if run.world_size > 1:  # all ranks stop together (one read back per step, under DDP only)
+            stop = bool(dpo.all_reduce_sum(torch.tensor([float(stop)], device=run.device), run.world_size).item())
+        stop = stop and run.step < run.total_steps
+        if due or stop:  # the metrics up to this step written, and a non-finite loss stops the run before the save
+            dpo.read_back(run)
+        if run.master and due:
             self.save(run)
-        stop = torch.tensor([float(self.signals.received is not None)], device=run.device)
-        if dpo.all_reduce_sum(stop, run.world_size).item() and run.step < run.total_steps:  # all ranks together
+        if stop:
             message = f"stopped at step {run.step}: checkpoint in {os.path.join(self.config.out, 'checkpoint')}"
             if run.master:
                 self.save(run)
@@ -183,7 +190,8 @@ def pad_to_multiple(batch, multiple, pad_token_id=0):
     import torch.nn.functional as F
     extra = -batch["chosen_input_ids"].shape[1] % multiple
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": dpo.IGNORE_INDEX}
-    return {key: F.pad(value, (0, extra), value=fill[key.split("_", 1)[1]]) for key, value in batch.items()}
+    return {key: F.pad(value, (0, extra), value=fill[key.split("_", 1)[1]]) if torch.is_tensor(value) else value
+            for key, value in batch.items()}  # logits_from is unchanged: the padding is on the right
 
 
 # ---- the output folder ---------------------------------------------------------------------------

@@ -94,3 +94,23 @@ def test_imdb_gpu_preset_runs_in_bf16_on_cuda_with_tiny_stand_ins(tmp_path):
     assert {r["method"] for r in rows} >= {"reference", "dpo", "ppo_gt", "best_of_n"}
     assert all(math.isfinite(r["reward"]) and math.isfinite(r["kl"]) for r in rows)
     assert json.load(open(tmp_path / "summary.json"))["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, optimizer):
+    # Oracle: CUDA's own sync detector, set to raise on any synchronising call (an item(), a copy to the host, a
+    # pageable copy to the device) made while the steps between two logging steps run.
+    cfg = dpo.TrainConfig(out=str(tmp_path), batch_size=8, lr=1e-3, optimizer=optimizer, max_steps=4, eval_every=0,
+                          max_length=64, max_prompt_length=32, progress=False, log_every=100)
+    state = dpo.prepare_run(cfg, toy_records(32), [], tiny_gpt2(vocab_size=257, seed=0), byte_tokenizer(),
+                            dpo.RunHooks())
+    state.unwritten.append(dpo.train_step(state))  # the first step initialises the optimizer's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            state.unwritten.append(dpo.train_step(state))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    dpo.read_back(state)
+    assert [row["step"] for row in state.logged] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in state.logged)

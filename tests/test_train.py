@@ -137,7 +137,11 @@ def test_batch_must_divide_by_world_size_times_accumulation(tmp_path):
         dpo.validate_config(config(tmp_path, batch_size=8, grad_accum=2), world_size=3)
 
 
-def test_a_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+# Where a non-finite loss is caught (dpo.read_back): every log_every steps and before every checkpoint, so with
+# log_every 1 at its own step; with log_every 4 at step 4 (the log); with log_every 8 and save_every 2 at step 4 (before
+# that checkpoint). In every case the rows and the checkpoint stop at step 2 and the saved weights are finite.
+@pytest.mark.parametrize("log_every, save_every", [(1, 1), (4, 2), (8, 2)])
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, log_every, save_every):
     calls = {"n": 0}
     real = dpo.dpo_loss
 
@@ -149,8 +153,8 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monke
         return losses, c, r
 
     monkeypatch.setattr(dpo, "dpo_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="step 3"):
-        run(config(tmp_path, eval_every=0, save_every=1, max_steps=5))
+    with pytest.raises(FloatingPointError, match="step 3 is not finite"):
+        run(config(tmp_path, eval_every=0, save_every=save_every, log_every=log_every, max_steps=8))
     out = tmp_path / "run"
     assert [r["step"] for r in read_rows(out)] == [1, 2]
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
@@ -346,3 +350,54 @@ def test_precomputed_reference_logps_tie_with_the_policy_at_step_0(tokenizer):
         for start in range(0, 16, 4):
             live = dpo.concatenated_forward(policy, minidpo.collate(examples[start:start + 4], tokenizer.pad_token_id))
             assert torch.equal(live[0], chosen[start:start + 4]) and torch.equal(live[1], rejected[start:start + 4])
+
+
+def test_logging_every_n_steps_logs_the_same_rows(tmp_path):
+    # Oracle: a run that reads its metrics back every step. Reading them every 3 steps (not a divisor of the 7 steps or
+    # of eval_every) changes when rows are written, not what they are.
+    every_step = run(config(tmp_path, "every", max_steps=7, eval_every=2))
+    every_third = run(config(tmp_path, "third", max_steps=7, eval_every=2, log_every=3))
+    assert every_third == every_step
+    assert read_rows(tmp_path / "third") == read_rows(tmp_path / "every")
+    assert all(isinstance(v, (int, float, str)) for row in every_third for v in row.values())
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__", "cpu", "numpy")
+# Reads of tensors that live on the host in every run: the batch order (a permutation drawn on the CPU), the first
+# logit position (collate reads it off the CPU labels it builds), and the fast log-softmax's backward testing
+# `unused.any()`, which it does only on a CPU (on a GPU it masks unconditionally).
+ON_THE_HOST = {("tolist", "batch_order", "train_step"), ("__int__", "first_logit", "collate"), ("__bool__", "backward")}
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    # A read of a tensor's value on the host (item, tolist, bool, float, int, cpu...) makes a GPU step wait for every
+    # kernel queued before it. Oracle: every such call made from minidpo's code during a step, recorded with its
+    # function and that function's caller; only the reads of host tensors above may appear.
+    cfg = dpo.TrainConfig(out=str(tmp_path), batch_size=8, lr=1e-3, optimizer="adamw", max_steps=3, eval_every=0,
+                          max_length=64, max_prompt_length=32, progress=False, log_every=100)
+    state = dpo.prepare_run(cfg, toy_records(32), [], tiny_gpt2(), byte_tokenizer(), dpo.RunHooks())
+    state.unwritten.append(dpo.train_step(state))  # the first step may initialise lazily
+    package, reads = os.path.dirname(minidpo.__file__), []
+
+    def recorded(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(package):
+                caller = frame.f_back.f_code.co_name if frame.f_back else None
+                reads.append((name, frame.f_code.co_name) if name == "__bool__" else
+                             (name, frame.f_code.co_name, caller))
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, recorded(name))
+    state.unwritten.append(dpo.train_step(state))
+    state.unwritten.append(dpo.train_step(state))
+    assert set(reads) <= ON_THE_HOST, reads
+    assert ("__int__", "first_logit", "collate") in reads  # the recorder sees the reads it should
+    reads.clear()
+    dpo.read_back(state)  # the three rows' values come back in one read
+    assert reads == [("tolist", "read_back", "test_a_training_step_reads_nothing_back_from_the_device")]
+    assert [row["step"] for row in state.logged] == [1, 2, 3]
