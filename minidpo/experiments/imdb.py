@@ -2,7 +2,7 @@
 
     python -m minidpo.experiments.imdb --scale smoke        # tiny random GPT-2, toy reward: ~1 minute
     python -m minidpo.experiments.imdb --scale laptop       # SmolLM2-135M-Instruct + VADER, offline: ~30 min, 2 cores
-    python -m minidpo.experiments.imdb --scale laptop_long  # DPO and PPO-GT at matched KL, 3 seeds: ~2 h, 2 cores
+    python -m minidpo.experiments.imdb --scale laptop_long  # DPO and PPO-GT at matched KL, 3 seeds: ~1.5 h
     python -m minidpo.experiments.imdb --scale gpu          # the same assets, paper-sized budgets, bf16: one H100
     python -m minidpo.experiments.imdb --scale paper        # gpt2-large SFT on IMDb + siebert classifier, on a GPU
     python -m minidpo.experiments.imdb --scale laptop --estimate   # the estimated time only
@@ -111,7 +111,8 @@ SCALES = {
                     best_of=(4, 16), eval_samples=4, kl_samples=1),
     # The evidence, the matched-KL design (matched), designed for ~110 min alone on 2 cores: 80 min by
     # estimate_seconds x 1.37, what the November costs under-estimated on a 2-core AMD EPYC (89 min estimated,
-    # 2 h 1.5 min measured for the previous design, every part 1.2-1.6x). DPO at beta 0.05 and PPO-GT at target 1
+    # 2 h 1.5 min measured for the previous design, every part 1.2-1.6x); measured 1 h 32 min (2026-12-04,
+    # docs/results/imdb_laptop_long_*). DPO at beta 0.05 and PPO-GT at target 1
     # each with 3 seeds, evaluated along training (DPO every 32 steps; PPO-GT at iterations 2, 4, then every 8, as
     # its KL grows fastest at first) so that their KL ranges overlap and their rewards can be compared at the same
     # KL; every other run once, evaluated at its end. 134 prefixes x 4 samples (~800 pairs, 1.3 epochs in 128
@@ -703,6 +704,8 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override fields of the scale, e.g. --set model=gpt2 steps=200 dpo_betas=0.1,1")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # no loading and saving bars between the log's lines
     if args.estimate:
         scale = dataclasses.replace(SCALES[args.scale], **parse_overrides(args.set, Scale))
         return print_estimate(scale, args.methods, torch.device("cuda" if scale.dtype != "fp32" else "cpu"))
