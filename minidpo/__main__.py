@@ -153,14 +153,15 @@ def run(config, data_options):
     except OSError as e:  # not a folder, not on the hub or not in its cache: one line, not a traceback
         raise FileNotFoundError(f"could not load the model {config.model!r}: {str(e).splitlines()[0]}") from None
     train_records, eval_records = load_records(config, data_options, tokenizer)
-    train(config, train_records, eval_records, model=model, tokenizer=tokenizer)
-
     import torch.distributed as dist
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank != 0:
-            return
+    try:
+        train(config, train_records, eval_records, model=model, tokenizer=tokenizer)
+    finally:  # every rank leaves the process group, a stopped run too (gloo's threads may abort at exit otherwise)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return
     out = config.out
     print(f"\nmodel:   {os.path.join(out, 'final')}\nmetrics: {os.path.join(out, 'metrics.jsonl')}"
           f"\nplot:    {os.path.join(out, 'training.png')}\n"

@@ -164,6 +164,8 @@ class RunSafety(dpo.RunHooks):
             if run.master:
                 self.save(run)
                 print(f"{message}; continue with --resume")
+            if run.world_size > 1:  # no rank leaves before the checkpoint is saved
+                torch.distributed.barrier()
             raise TrainingStopped(message)
 
     def save_final(self, run):  # the last checkpoint, then final/, each atomic
