@@ -43,9 +43,10 @@ def pack_pairs(batch, multiple=1):
     """One right-padded sequence per pair, [prompt | chosen | rejected]. Returns input_ids (B, L), position_ids
     (B, L), the boolean 4-D mask (B, 1, L, L) (True: may attend), and for each side the positions whose logits
     predict its response tokens and those tokens, shifted as dpo.sequence_logps reads them (the logits at
-    positions[:, k] predict labels[:, k + 1]): positions (B, n + 1), labels (B, n + 1) starting with IGNORE_INDEX.
-    L and n + 1 are rounded up to a multiple of `multiple` (a compiled model then sees few shapes). The packing is
-    done on a CPU copy of the batch and moved to its device once: no per-token device reads."""
+    positions[:, k] predict labels[:, k + 1]): positions (B, n + 1), labels (B, n + 1) starting with IGNORE_INDEX;
+    and the shortest prompt's length in tokens (an int). L and n + 1 are rounded up to a multiple of `multiple` (a
+    compiled model then sees few shapes). The packing is done on a CPU copy of the batch and moved to its device once:
+    no per-token device reads."""
     device = batch["chosen_input_ids"].device
     batch = {key: value.cpu() for key, value in batch.items() if torch.is_tensor(value)}  # one copy, not one per token
     B = batch["chosen_input_ids"].shape[0]
@@ -66,7 +67,8 @@ def pack_pairs(batch, multiple=1):
         position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
     reads = {side: tuple(t.to(device) for t in read_positions(lengths, side, input_ids, multiple))
              for side in ("chosen", "rejected")}
-    return input_ids.to(device), position_ids.to(device), pair_mask(lengths, length).to(device), reads
+    shortest_prompt = min(len(prompt) for prompt, _, _ in rows)
+    return input_ids.to(device), position_ids.to(device), pair_mask(lengths, length).to(device), reads, shortest_prompt
 
 
 def pair_mask(lengths, length):
@@ -104,12 +106,6 @@ def read_positions(lengths, side, input_ids, multiple=1):
     return positions, labels
 
 
-def min_prompt_length(batch):
-    """The shortest prompt of a collated batch, in tokens (one device read)."""
-    labels, mask = batch["chosen_labels"], batch["chosen_attention_mask"].bool()
-    return int(((labels == IGNORE_INDEX) & mask).sum(-1).min())
-
-
 POSITIONS_FROM_MASK = ("bloom", "mpt", "opt", "falcon")  # ALiBi or mask-derived positions: no position_ids to restart
 
 
@@ -136,10 +132,10 @@ def shared_prefix_forward(model, batch, average=False, fast=True, multiple=1):
     """log pi(y_w|x), log pi(y_l|x) of a collated batch from ONE sequence per pair (the module docstring).
     The same values as dpo.concatenated_forward; returns (chosen_logps, rejected_logps), each (B,). multiple: pad the
     packed lengths to a multiple of it (for a compiled model; logits are then kept from position 0)."""
-    input_ids, position_ids, allowed, reads = pack_pairs(batch, multiple)
+    input_ids, position_ids, allowed, reads, shortest_prompt = pack_pairs(batch, multiple)
     # logits only from the earliest position that predicts a response token on (prompt logits are never read):
     # the shortest prompt's last position (pack_pairs read it on the CPU); a compiled model keeps them all
-    first = 0 if multiple > 1 else max(min_prompt_length(batch) - 1, 0)
+    first = 0 if multiple > 1 else max(shortest_prompt - 1, 0)
     logits = model(input_ids=input_ids, attention_mask=model_mask(model, allowed), position_ids=position_ids,
                    use_cache=False, logits_to_keep=input_ids.shape[1] - first).logits  # (B, L - first, V)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1)  # (B, 1)
