@@ -29,7 +29,6 @@ tokens/s counts real tokens of the two sequences.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -41,6 +40,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402  (after the path: the minidpo of this checkout)
+
+from minidpo import dpo, runs  # noqa: E402
+from minidpo.data import tokenize_records  # noqa: E402
+from minidpo.models import gpt2_tokenizer  # noqa: E402
 
 SIZES = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=256, prompt=64, response=64, pairs=8, dtype="fp32", threads=2),
@@ -76,7 +81,6 @@ def synthetic_pairs(tokenizer, n, prompt_tokens, response_tokens, seed=0):
 
 
 def build(size, seed):
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     cfg = SIZES[size]
@@ -112,7 +116,6 @@ def matmul_ceiling(threads, dtype_name="fp32", device="cpu", sizes=None):
     """Best FLOP/s of large square matmuls on this machine (fp32, or bf16): the MFU denominator.
     The output is preallocated so that page faults of a fresh allocation are not timed; the best
     over sizes and repetitions, since a lower ceiling would flatter every MFU."""
-    import torch
     if threads:
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
@@ -133,91 +136,76 @@ def matmul_ceiling(threads, dtype_name="fp32", device="cpu", sizes=None):
 
 # ---- workers: one implementation, one process ------------------------------------------------------
 
-def run_minidpo(impl, size, steps, warmup, records, tokenizer):
-    import torch
-
-    from minidpo import dpo, runs
+def run_minidpo(impl, size, steps, warmup, records, tokenizer, log_every=10):
+    """minidpo's rows: the training step of `python -m minidpo train` (dpo.train_step, dpo.read_back and the hooks of
+    runs.RunSafety, so gradient clipping, checkpoint and signal checks as in a real run) on this process's device.
+    Returns {"step_s", "first_loss", ...}: the first logged loss, read back after the window."""
+    import tempfile
     cfg = SIZES[size]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy, reference = build(size, 0).to(device), dpo.frozen_copy(build(size, 1)).to(device)
-    policy.train()
-    config = minidpo_config(size)
-    examples = minidpo_examples(size, records, tokenizer)
-    pad = tokenizer.eos_token_id
-    B = cfg["pairs"]
-    batches = [examples[i:i + B] for i in range(0, len(examples), B)]
-    autocast = (lambda: dpo.bf16_autocast(device.type)) if cfg["dtype"] == "bf16" else None
-    precomputed = None
-    if "precomputed" in impl:  # setup, not timed: the reference runs once over the data
-        chosen, rejected = runs.precompute_reference_logps(reference, examples, pad, device, B,
-                                                           autocast=autocast or contextlib.nullcontext)
-        precomputed = (chosen, rejected)
-    forward = dpo.concatenated_forward
-    if "prefix-sharing" in impl:
-        from minidpo.prefix_sharing import shared_prefix_forward as forward
-    if impl == "minidpo-compile":
-        policy.compile()
-        reference.compile()
-    optimizer, _ = dpo.make_optimizer(policy.parameters(), config)  # fused AdamW
+    settings = dict(out=tempfile.mkdtemp(), max_steps=warmup + steps, save_every=warmup + steps + 1, eval_every=0,
+                    log_every=log_every, progress=False, dtype="bf16" if cfg["dtype"] == "bf16" else "fp32",
+                    precompute_ref="precomputed" in impl, prefix_sharing="prefix-sharing" in impl,
+                    compile="inductor" if "compile" in impl else "")
+    config = runs.RunConfig(**{**vars(minidpo_config(size)), **settings})
+    hooks = BenchHooks(config, reference=build(size, 1), separate=impl == "minidpo-separate-forwards")
+    run = dpo.prepare_run(config, records, [], build(size, 0), tokenizer, hooks)
 
-    def step(i):
-        idx = list(range((i % len(batches)) * B, (i % len(batches)) * B + B))
-        batch = dpo.collate([examples[j] for j in idx], pad)
-        batch = dpo.to_device(runs.pad_to_multiple(batch, 64, pad) if impl == "minidpo-compile" else batch, device)
-        with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
-            if impl == "minidpo-separate-forwards":
-                loss = separate_forward_loss(policy, reference, batch, dpo, config.beta)
-            else:
-                ref = None if precomputed is None else (precomputed[0][idx], precomputed[1][idx])
-                loss, _ = dpo.dpo_batch_loss(policy, reference, batch, config, ref, forward)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()  # read back only once, after the window: no host sync inside it
+    def step(i):  # the body of dpo.train's loop (no evaluation: eval_every is 0)
+        run.unwritten.append(dpo.train_step(run))
+        dpo.read_back(run, every=config.log_every)
+        run.hooks.after_step(run)
 
-    result = dict(timed(step, steps, warmup, device),
-                  **workload_flops(policy, examples, B, reference_forward="precomputed" not in impl))
-    if impl == "minidpo-compile":
+    with hooks.around_loop(run):
+        result = timed(step, steps, warmup, run.device)
+    dpo.read_back(run)  # the rows still on the device, after the window
+    result["first_loss"] = run.logged[0]["loss"]
+    result.update(workload_flops(run.policy, run.train_examples, cfg["pairs"], "precomputed" not in impl))
+    if "compile" in impl:
         from torch._dynamo.utils import counters
         result["graphs"] = counters["stats"]["unique_graphs"]  # compiled graphs: 1 per model and shape, ideally
     return result
 
 
-def separate_forward_loss(policy, reference, batch, dpo, beta):
-    """The straightforward alternative: four forwards (policy and reference, chosen and rejected)."""
-    import torch
+class BenchHooks(runs.RunSafety):
+    """runs.RunSafety with the bench's reference, a second random initialisation (so that the loss is not ln 2), and
+    for the separate-forwards row, chosen and rejected through the model in two forwards."""
 
-    def logps(model, kind):
-        out = model(input_ids=batch[f"{kind}_input_ids"], attention_mask=batch[f"{kind}_attention_mask"])
-        return dpo.sequence_logps(out.logits.float(), batch[f"{kind}_labels"], fast=True)
+    def __init__(self, config, reference, separate=False):
+        super().__init__(config, resume_from=None)
+        self.bench_reference = reference
+        if separate:
+            self.forward = separate_forwards
 
-    with torch.no_grad():
-        rc, rr = logps(reference, "chosen"), logps(reference, "rejected")
-    losses, _, _ = dpo.dpo_loss(logps(policy, "chosen"), logps(policy, "rejected"), rc, rr, beta=beta)
-    return losses.mean()
+    def start(self, run):
+        run.reference = dpo.frozen_copy(self.bench_reference).to(run.device)
+        return super().start(run)  # then compiles policy and reference when asked
+
+
+def separate_forwards(model, batch, average=False):
+    """The straightforward alternative to dpo.concatenated_forward: chosen and rejected in two forwards."""
+    return tuple(dpo.batch_logps(model, batch[f"{k}_input_ids"], batch[f"{k}_attention_mask"], batch[f"{k}_labels"],
+                                 average=average, fast=True) for k in ("chosen", "rejected"))
 
 
 def timed(step, steps, warmup, device):
-    """{"first_loss", "step_s"}: the mean step time over a window of `steps` steps after `warmup` untimed ones, with
-    one device sync at each end of the window (a sync per step would serialise the host and the GPU)."""
-    import torch
+    """{"step_s"}: the mean time of step(i) over a window of `steps` steps after `warmup` untimed ones, with one
+    device sync at each end of the window (a sync per step would serialise the host and the GPU)."""
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    first_loss = step(0) if warmup else None
-    for i in range(1, warmup):
+    for i in range(warmup):
         step(i)
     if PROFILE:  # one more step under torch.profiler, its table printed; then the timed window as usual
         print_profile(lambda: step(warmup), device)
+        warmup += 1
     sync()
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
-        loss = step(i)
-        first_loss = loss if first_loss is None else first_loss
+        step(i)
     sync()
-    return {"first_loss": float(first_loss), "step_s": (time.perf_counter() - start) / steps}
+    return {"step_s": (time.perf_counter() - start) / steps}
 
 
 PROFILE = False  # set by --profile: print a torch.profiler table of one step after the warm-up
@@ -225,7 +213,6 @@ PROFILE = False  # set by --profile: print a torch.profiler table of one step af
 
 def print_profile(one_step, device):
     """Run one_step() under torch.profiler and print its operators, the costliest first."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -241,8 +228,9 @@ def print_profile_table(prof, cuda):
     print("END PROFILE")
 
 
-def run_trl(size, steps, warmup, records, tokenizer, impl="trl"):
-    import torch
+def run_trl(size, steps, warmup, records, tokenizer, impl="trl", log_every=10):
+    """TRL's rows: DPOTrainer.train() with the workload's settings; the first loss is kept on the device by a wrapper
+    of compute_loss, so that logging (every log_every steps, as minidpo) is not per step for its sake."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -282,39 +270,44 @@ def run_trl(size, steps, warmup, records, tokenizer, impl="trl"):
     # The same AdamW kernel as minidpo's (fused), so the optimizer is not part of the difference.
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg["pairs"], max_steps=warmup + steps,
                      learning_rate=ours.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
-                     logging_steps=1, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                     logging_steps=log_every, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
                      dataloader_num_workers=0, max_length=ours.max_length, beta=ours.beta,
-                     loss_type=["sigmoid"], disable_dropout=True, gradient_checkpointing=False, seed=0,
+                     max_grad_norm=ours.max_grad_norm, loss_type=["sigmoid"], disable_dropout=True,
+                     gradient_checkpointing=False, seed=0,
                      bf16=cfg["dtype"] == "bf16", precompute_ref_log_probs=impl == "trl-precomputed-ref",
                      torch_compile=impl == "trl-compile", disable_tqdm=True)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(records),
                          processing_class=tokenizer, callbacks=[Timer()])
+    compute_loss = trainer.compute_loss
+
+    def first_loss_kept(*args, **kwargs):
+        out = compute_loss(*args, **kwargs)
+        marks.setdefault("first_loss", (out[0] if isinstance(out, tuple) else out).detach())
+        return out
+
+    trainer.compute_loss = first_loss_kept
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"first_loss": losses[0], "step_s": (marks["end"] - marks["start"]) / steps,
+    return {"first_loss": float(marks["first_loss"]), "step_s": (marks["end"] - marks["start"]) / steps,
             **workload_flops(policy, minidpo_examples(size, records, tokenizer), cfg["pairs"],
                              reference_forward=impl != "trl-precomputed-ref")}
 
 
 def minidpo_config(size):
-    """The workload's loss, lengths and optimizer, as a minidpo TrainConfig (TRL gets the same values)."""
-    from minidpo import dpo
+    """The workload's loss, lengths, batch and optimizer, as a minidpo TrainConfig (TRL gets the same values; its
+    defaults where they have one: a constant learning rate, gradients clipped at norm 1)."""
     cfg = SIZES[size]
     return dpo.TrainConfig(beta=0.1, max_length=cfg["prompt"] + cfg["response"] + 4,
-                           max_prompt_length=cfg["prompt"] + 2, optimizer="adamw", lr=1e-5)
+                           max_prompt_length=cfg["prompt"] + 2, batch_size=cfg["pairs"], optimizer="adamw", lr=1e-5,
+                           warmup_steps=0, max_grad_norm=1.0)
 
 
 def minidpo_examples(size, records, tokenizer):
     """The workload tokenized as minidpo does it (TRL's tokens are the same: the loss check says so)."""
-    from minidpo.data import tokenize_records
     config = minidpo_config(size)
     return tokenize_records(tokenizer, records, config.max_length, config.max_prompt_length)[0]
 
 
-def worker(impl, size, steps, warmup, num_pairs):
-    import torch
-
-    from minidpo.models import gpt2_tokenizer
+def worker(impl, size, steps, warmup, num_pairs, log_every):
     cfg = SIZES[size]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -322,9 +315,9 @@ def worker(impl, size, steps, warmup, num_pairs):
     tokenizer.pad_token = tokenizer.eos_token
     records = synthetic_pairs(tokenizer, num_pairs, cfg["prompt"], cfg["response"])
     if impl.startswith("trl"):
-        result = run_trl(size, steps, warmup, records, tokenizer, impl)
+        result = run_trl(size, steps, warmup, records, tokenizer, impl, log_every)
     else:
-        result = run_minidpo(impl, size, steps, warmup, records, tokenizer)
+        result = run_minidpo(impl, size, steps, warmup, records, tokenizer, log_every)
     result["impl"] = impl
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
@@ -337,7 +330,6 @@ def worker(impl, size, steps, warmup, num_pairs):
 
 def check_same_loss(size):
     """Both implementations compute the same first-step loss on one identical batch (the whole data)."""
-    from minidpo.models import gpt2_tokenizer
     cfg = SIZES[size]
     tokenizer = gpt2_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
@@ -362,6 +354,8 @@ def main(argv=None):
     parser.add_argument("--impl", nargs="*", default=list(DEFAULT_IMPLS), choices=IMPLS)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's datasheet bf16 peak for the second MFU column (default: from its name)")
+    parser.add_argument("--log_every", type=int, default=10,
+                        help="both implementations read their metrics back every N steps (TRL's default logging_steps)")
     parser.add_argument("--profile", action="store_true",
                         help="after the table, a torch.profiler table of one step of each implementation")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -374,7 +368,7 @@ def main(argv=None):
     if args.worker:
         global PROFILE
         PROFILE = args.profile
-        return worker(args.worker, args.size, args.steps, args.warmup, num_pairs)
+        return worker(args.worker, args.size, args.steps, args.warmup, num_pairs, args.log_every)
     if args.check:
         ours, theirs = check_same_loss(args.size)
         print("CHECK " + json.dumps({"minidpo": ours, "trl": theirs}))
@@ -391,8 +385,9 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def child(*extra):
-        out = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup), *extra], env=env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--warmup",
+                              str(args.warmup), "--log_every", str(args.log_every), *extra],
+                             env=env, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{' '.join(extra)} failed:\n{out.stderr[-4000:]}")
         return out.stdout
@@ -427,7 +422,6 @@ def main(argv=None):
 
 
 def _cuda():
-    import torch
     return torch.cuda.is_available()
 
 
@@ -445,7 +439,6 @@ def datasheet_peak(args, device):
         return None
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    import torch
     name = torch.cuda.get_device_name()
     return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS.items() if key in name), None)
 
@@ -457,7 +450,6 @@ def print_table(results, ceiling, args, cfg, device):
     on one identical batch is printed above the table) and peak memory."""
     import platform
 
-    import torch
     peak = datasheet_peak(args, device)
     print(f"\n{time.strftime('%Y-%m-%d')}  {cpu_name() or platform.machine()}, {os.cpu_count()} cores  {device}"
           f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}  torch {torch.__version__}  threads "
@@ -467,17 +459,17 @@ def print_table(results, ceiling, args, cfg, device):
     print(f"{'implementation':36s} {'pairs/s':>8s} {'tokens/s':>9s} {'s/step':>7s} {'min–max':>15s} {'MFU':>6s} "
           f"{'needed':>7s}" + (f" {'MFU/peak':>8s}" if peak else "") + f" {'1st loss':>9s} {'peak MB':>8s}")
     by = {}
-    for impl, runs in results.items():
-        steps = [r["step_s"] for r in runs]
+    for impl, rows in results.items():
+        steps = [r["step_s"] for r in rows]
         step = statistics.median(steps)
         by[impl] = cfg["pairs"] / step
-        mem = max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in runs)
-        mfu, needed = runs[0]["flops"] / step / ceiling, runs[0]["needed_flops"] / step / ceiling
-        graphs = f"  ({runs[0]['graphs']} compiled graphs)" if "graphs" in runs[0] else ""
-        print(f"{impl:36s} {by[impl]:8.2f} {runs[0]['tokens'] / step:9.0f} {step:7.4f} "
+        mem = max(r.get("peak_gpu_mb", r["peak_rss_mb"]) for r in rows)
+        mfu, needed = rows[0]["flops"] / step / ceiling, rows[0]["needed_flops"] / step / ceiling
+        graphs = f"  ({rows[0]['graphs']} compiled graphs)" if "graphs" in rows[0] else ""
+        print(f"{impl:36s} {by[impl]:8.2f} {rows[0]['tokens'] / step:9.0f} {step:7.4f} "
               f"{min(steps):7.4f}–{max(steps):.4f} {mfu:6.1%} {needed:7.1%}"
-              + (f" {runs[0]['flops'] / step / peak:8.1%}" if peak else "")
-              + f" {runs[0]['first_loss']:9.5f} {mem:8.0f}{graphs}")
+              + (f" {rows[0]['flops'] / step / peak:8.1%}" if peak else "")
+              + f" {rows[0]['first_loss']:9.5f} {mem:8.0f}{graphs}")
     if "trl" in by:
         for impl in by:
             if not impl.startswith("trl"):

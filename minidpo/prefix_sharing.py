@@ -14,7 +14,8 @@ B (P + 2R) for prompts of P and responses of R tokens.
 
     chosen_logps, rejected_logps = shared_prefix_forward(model, batch)   # batch: dpo.collate's, either padding side
 
-Training uses it with RunConfig(prefix_sharing=True) (minidpo.runs) or --prefix_sharing. The model's attention must
+Training uses it with RunConfig(prefix_sharing=True) (minidpo.runs) or --prefix_sharing; the pairs are then packed
+on the host as each batch is collated (collate_packed), so the forward reads nothing back. The model's attention must
 take a custom 4-D mask: "sdpa" and "eager" do (a boolean mask for sdpa, an additive one for eager); flash-attention
 kernels take none, and are refused, as are models whose positions come from the 2-D mask (ALiBi: Bloom, MPT, Falcon;
 OPT) and packed pairs longer than a sliding window (the custom mask would drop it).
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .dpo import IGNORE_INDEX, sequence_logps
+from . import dpo
+from .dpo import IGNORE_INDEX
 
 
 def response_parts(batch, side, b):
@@ -39,16 +41,21 @@ def round_up(length, multiple):
     return length + (-length % multiple)
 
 
+def collate_packed(examples, pad_token_id, padding_side="right", multiple=1):
+    """dpo.collate's batch with its pairs packed (pack_pairs' keys) on the host, as training builds it
+    (runs.RunSafety.batch): the forward then reads nothing back from the device."""
+    batch = dpo.collate(examples, pad_token_id, padding_side)
+    return {**batch, **pack_pairs(batch, multiple)}
+
+
 def pack_pairs(batch, multiple=1):
-    """One right-padded sequence per pair, [prompt | chosen | rejected]. Returns input_ids (B, L), position_ids
-    (B, L), the boolean 4-D mask (B, 1, L, L) (True: may attend), and for each side the positions whose logits
-    predict its response tokens and those tokens, shifted as dpo.sequence_logps reads them (the logits at
-    positions[:, k] predict labels[:, k + 1]): positions (B, n + 1), labels (B, n + 1) starting with IGNORE_INDEX;
-    and the shortest prompt's length in tokens (an int). L and n + 1 are rounded up to a multiple of `multiple` (a
-    compiled model then sees few shapes). The packing is done on a CPU copy of the batch and moved to its device once:
-    no per-token device reads."""
-    device = batch["chosen_input_ids"].device
-    batch = {key: value.cpu() for key, value in batch.items() if torch.is_tensor(value)}  # one copy, not one per token
+    """One right-padded sequence per pair, [prompt | chosen | rejected], from a collated batch on the CPU. Returns a
+    dict: packed_input_ids and packed_position_ids (B, L); packed_mask, the boolean 4-D mask (B, 1, L, L) (True: may
+    attend); for each side, packed_{side}_positions, the positions whose logits predict its response tokens, and
+    packed_{side}_labels, those tokens, shifted as dpo.sequence_logps reads them (the logits at positions[:, k]
+    predict labels[:, k + 1]), each (B, n + 1) with labels starting with IGNORE_INDEX; and packed_first, an int: the
+    first position whose logits are read (the shortest prompt's last; 0 when padded for a compiled model). L and
+    n + 1 are rounded up to a multiple of `multiple` (a compiled model then sees few shapes)."""
     B = batch["chosen_input_ids"].shape[0]
     rows = []
     for b in range(B):
@@ -65,10 +72,13 @@ def pack_pairs(batch, multiple=1):
         P, C, R = len(prompt), len(chosen), len(rejected)
         input_ids[b, :P + C + R] = torch.cat([prompt, chosen, rejected])
         position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-    reads = {side: tuple(t.to(device) for t in read_positions(lengths, side, input_ids, multiple))
-             for side in ("chosen", "rejected")}
-    shortest_prompt = min(len(prompt) for prompt, _, _ in rows)
-    return input_ids.to(device), position_ids.to(device), pair_mask(lengths, length).to(device), reads, shortest_prompt
+    packed = {"packed_input_ids": input_ids, "packed_position_ids": position_ids,
+              "packed_mask": pair_mask(lengths, length),
+              "packed_first": 0 if multiple > 1 else max(min(len(prompt) for prompt, _, _ in rows) - 1, 0)}
+    for side in ("chosen", "rejected"):
+        packed[f"packed_{side}_positions"], packed[f"packed_{side}_labels"] = read_positions(lengths, side, input_ids,
+                                                                                             multiple)
+    return packed
 
 
 def pair_mask(lengths, length):
@@ -130,17 +140,22 @@ def model_mask(model, allowed):
 
 def shared_prefix_forward(model, batch, average=False, fast=True, multiple=1):
     """log pi(y_w|x), log pi(y_l|x) of a collated batch from ONE sequence per pair (the module docstring).
-    The same values as dpo.concatenated_forward; returns (chosen_logps, rejected_logps), each (B,). multiple: pad the
-    packed lengths to a multiple of it (for a compiled model; logits are then kept from position 0)."""
-    input_ids, position_ids, allowed, reads, shortest_prompt = pack_pairs(batch, multiple)
-    # logits only from the earliest position that predicts a response token on (prompt logits are never read):
-    # the shortest prompt's last position (pack_pairs read it on the CPU); a compiled model keeps them all
-    first = 0 if multiple > 1 else max(shortest_prompt - 1, 0)
-    logits = model(input_ids=input_ids, attention_mask=model_mask(model, allowed), position_ids=position_ids,
-                   use_cache=False, logits_to_keep=input_ids.shape[1] - first).logits  # (B, L - first, V)
+    The same values as dpo.concatenated_forward; returns (chosen_logps, rejected_logps), each (B,). A batch from
+    collate_packed is used as packed (training: no device read); any other is packed here on a CPU copy (one read),
+    its lengths padded to a multiple of `multiple` (for a compiled model; logits are then kept from position 0)."""
+    if "packed_input_ids" not in batch:
+        device = batch["chosen_input_ids"].device
+        packed = pack_pairs({key: value.cpu() for key, value in batch.items() if torch.is_tensor(value)}, multiple)
+        batch = dpo.to_device(packed, device)
+    input_ids, first = batch["packed_input_ids"], batch["packed_first"]
+    # logits only from the earliest position that predicts a response token on (prompt logits are never read)
+    keep = torch.arange(first, input_ids.shape[1], device=input_ids.device)  # (K,) gathered contiguous: one matmul
+    logits = model(input_ids=input_ids, attention_mask=model_mask(model, batch["packed_mask"]),
+                   position_ids=batch["packed_position_ids"], use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1)  # (B, 1)
     out = []
-    for positions, labels in reads.values():
+    for side in ("chosen", "rejected"):
+        positions, labels = batch[f"packed_{side}_positions"], batch[f"packed_{side}_labels"]  # (B, n + 1) each
         picked = logits[rows, (positions - first).clamp(min=0)]  # (B, n + 1, V): a copy, ours alone
-        out.append(sequence_logps(picked.float(), labels, average=average, fast=fast, overwrite=fast))  # (B,)
+        out.append(dpo.sequence_logps(picked.float(), labels, average=average, fast=fast, overwrite=fast))  # (B,)
     return out[0], out[1]

@@ -21,9 +21,10 @@ What you can rely on
   MAY_CHANGE_ON_RESUME, or to the training data, the evaluation data or the starting weights (their fingerprints,
   as the model sees them), is an error listing each change.
 - Preemption. SIGTERM (what a scheduler sends) or Ctrl-C: the current step finishes, the checkpoint is saved and
-  TrainingStopped is raised (the command line exits 0); under DDP all ranks stop at the same step. A second Ctrl-C
-  stops at once. A non-finite loss or grad norm stops the run when it is read back (dpo.read_back: every --log_every
-  steps, and before every checkpoint): after its update, the last checkpoint intact.
+  TrainingStopped is raised (the command line exits 0); under DDP all ranks stop at the same step, the next one that
+  reads metrics back (every log_every steps) or saves. A second Ctrl-C stops at once. A non-finite loss or grad norm
+  stops the run when it is read back (dpo.read_back: every --log_every steps, and before every checkpoint): after
+  its update, the last checkpoint intact.
 - A reference computed once. With precompute_ref, the reference log-probs are computed before the first step and
   saved in <out>/reference_logps.pt (or reference_logps_file, which runs from the same reference share); a restart
   reuses them, and a file computed for other data, another model or other settings is recomputed, never reused.
@@ -107,9 +108,17 @@ class RunSafety(dpo.RunHooks):
         self.config, self.resume_from, self.signals, self.settings = config, resume_from, None, {}
         self.forward = padded_to(dpo.concatenated_forward, COMPILE_MULTIPLE) if config.compile \
             else dpo.concatenated_forward
+        self.multiple = COMPILE_MULTIPLE if config.compile else 1
         if config.prefix_sharing:  # the log-probs of a batch from one sequence per pair (padded inside when compiled)
             from .prefix_sharing import shared_prefix_forward
-            self.forward = functools.partial(shared_prefix_forward, multiple=COMPILE_MULTIPLE if config.compile else 1)
+            self.forward = functools.partial(shared_prefix_forward, multiple=self.multiple)
+
+    def batch(self, run, examples):  # with prefix sharing, the pairs are packed here, on the host
+        if not self.config.prefix_sharing:
+            return super().batch(run, examples)
+        from .prefix_sharing import collate_packed
+        return dpo.to_device(collate_packed(examples, run.tokenizer.pad_token_id, self.config.padding_side,
+                                            self.multiple), run.device)
 
     def tokenize(self, run, records):  # every bad record listed at once; skip_invalid drops them
         config = self.config
@@ -152,8 +161,10 @@ class RunSafety(dpo.RunHooks):
     def after_step(self, run):  # a checkpoint when one is due; a stop, with a checkpoint, when a signal came
         due = run.step % self.save_every == 0 and run.step < run.total_steps
         stop = self.signals.received is not None
-        if run.world_size > 1:  # all ranks stop together (one read back per step, under DDP only)
-            stop = bool(dpo.all_reduce_sum(torch.tensor([float(stop)], device=run.device), run.world_size).item())
+        if run.world_size > 1:  # all ranks stop together: they agree on it (a read back) at logging steps and saves
+            agree = due or run.step % self.config.log_every == 0
+            stop = agree and bool(dpo.all_reduce_sum(torch.tensor([float(stop)], device=run.device),
+                                                     run.world_size).item())
         stop = stop and run.step < run.total_steps
         if due or stop:  # the metrics up to this step written, and a non-finite loss stops the run before the save
             dpo.read_back(run)

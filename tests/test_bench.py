@@ -40,17 +40,40 @@ def test_padding_for_compile_leaves_the_log_probs_alone(gpt2_tok):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_the_window_is_timed_once_and_the_first_loss_kept():
+def test_the_window_is_timed_once_after_the_warmup():
     import torch
     calls = []
+    result = bench.timed(calls.append, steps=3, warmup=2, device=torch.device("cpu"))
+    assert calls == [0, 1, 2, 3, 4] and result["step_s"] > 0
 
-    def step(i):
-        calls.append(i)
-        return torch.tensor(float(i) + 0.5)
 
-    result = bench.timed(step, steps=3, warmup=2, device=torch.device("cpu"))
-    assert calls == [0, 1, 2, 3, 4] and result["first_loss"] == 0.5 and result["step_s"] > 0
-    assert bench.timed(step, steps=1, warmup=0, device=torch.device("cpu"))["first_loss"] == 0.5
+def test_minidpo_rows_run_the_training_step_of_a_real_run(gpt2_tok, monkeypatch):
+    """dpo.train_step with the hooks of runs.RunSafety: the gradients clipped at TRL's default norm, metrics read
+    back every log_every steps, and the first logged loss that of the first batch."""
+    from minidpo import dpo
+    gpt2_tok.pad_token = gpt2_tok.eos_token
+    cfg = bench.SIZES["tiny"]
+    records = bench.synthetic_pairs(gpt2_tok, cfg["pairs"] * 2, cfg["prompt"], cfg["response"])
+    clipped, reads = [], []
+    clip = dpo.torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(dpo.torch.nn.utils, "clip_grad_norm_", lambda p, norm: clipped.append(norm) or clip(p, norm))
+    read_back = dpo.read_back
+    monkeypatch.setattr(dpo, "read_back", lambda run, every=1: reads.append((run.step, len(run.unwritten)))
+                        or read_back(run, every))
+    result = bench.run_minidpo("minidpo", "tiny", 3, 2, records, gpt2_tok, log_every=4)
+    assert clipped == [1.0] * 5 and bench.minidpo_config("tiny").max_grad_norm == 1.0
+    assert reads[:5] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 1)]  # step 4 read its 4 rows back, step 5 after
+    assert result["first_loss"] != pytest.approx(0.6931, abs=1e-3) and result["step_s"] > 0
+
+
+def test_trl_rows_keep_the_first_loss_without_logging_every_step(gpt2_tok):
+    pytest.importorskip("trl")
+    gpt2_tok.pad_token = gpt2_tok.eos_token
+    cfg = bench.SIZES["tiny"]
+    records = bench.synthetic_pairs(gpt2_tok, cfg["pairs"], cfg["prompt"], cfg["response"])  # one batch: the same
+    ours = bench.run_minidpo("minidpo", "tiny", 1, 0, records, gpt2_tok)["first_loss"]
+    theirs = bench.run_trl("tiny", 2, 1, records, gpt2_tok, log_every=10)
+    assert theirs["first_loss"] == pytest.approx(ours, abs=1e-4) and theirs["step_s"] > 0
 
 
 def test_bench_runs_and_prints_the_table():

@@ -73,7 +73,8 @@ def test_the_gradients_agree():
 def test_each_pair_is_its_prompt_once_then_both_responses():
     tokenizer = byte_tokenizer()
     batch = batch_of(tokenizer, PAIRS, "left")
-    input_ids, position_ids, mask, _, _ = pack_pairs(batch)
+    packed = pack_pairs(batch)
+    input_ids, position_ids, mask = (packed[f"packed_{k}"] for k in ("input_ids", "position_ids", "mask"))
     assert input_ids.shape[0] == len(PAIRS)
     eos = [tokenizer.eos_token_id]
     for b, (prompt, chosen, rejected) in enumerate(PAIRS):
@@ -128,9 +129,11 @@ def test_padding_for_compile_leaves_the_log_probs_alone(padding_side):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
     length = batch["chosen_input_ids"].shape[1]
     assert seen == [length + (-length % 64)] and seen[0] % 64 == 0 and seen[0] > length
-    input_ids, _, mask, reads, _ = pack_pairs(batch, multiple=64)  # prefix sharing pads its packed pairs itself
-    assert input_ids.shape[1] % 64 == 0 and mask.shape[-1] % 64 == 0
-    assert all(positions.shape[1] % 64 == 0 for positions, _ in reads.values())
+    packed = pack_pairs(batch, multiple=64)  # prefix sharing pads its packed pairs itself
+    assert packed["packed_input_ids"].shape[1] % 64 == 0 and packed["packed_mask"].shape[-1] % 64 == 0
+    assert all(packed[f"packed_{side}_{k}"].shape[1] % 64 == 0 for side in ("chosen", "rejected")
+               for k in ("positions", "labels"))
+    assert packed["packed_first"] == 0  # a compiled model keeps every position's logits: one shape
 
 
 def test_a_compiled_run_is_the_same_training(tmp_path):

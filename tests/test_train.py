@@ -369,15 +369,24 @@ HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 ON_THE_HOST = {("tolist", "batch_order", "train_step"), ("__int__", "first_logit", "collate"), ("__bool__", "backward")}
 
 
-def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, prefix_sharing):
     # A read of a tensor's value on the host (item, tolist, bool, float, int, cpu...) makes a GPU step wait for every
     # kernel queued before it. Oracle: every such call made from minidpo's code during a step, recorded with its
-    # function and that function's caller; only the reads of host tensors above may appear.
-    cfg = dpo.TrainConfig(out=str(tmp_path), batch_size=8, lr=1e-3, optimizer="adamw", max_steps=3, eval_every=0,
-                          max_length=64, max_prompt_length=32, progress=False, log_every=100)
-    state = dpo.prepare_run(cfg, toy_records(32), [], tiny_gpt2(), byte_tokenizer(), dpo.RunHooks())
+    # function and that function's caller; only the reads of host tensors above may appear, and with prefix sharing
+    # those of the packing, which collate_packed does on the host before the batch goes to the device.
+    cfg = runs.RunConfig(out=str(tmp_path), batch_size=8, lr=1e-3, optimizer="adamw", max_steps=3, eval_every=0,
+                         max_length=64, max_prompt_length=32, progress=False, log_every=100,
+                         prefix_sharing=prefix_sharing)
+    hooks = runs.RunSafety(cfg, resume_from=None) if prefix_sharing else dpo.RunHooks()
+    state = dpo.prepare_run(cfg, toy_records(32), [], tiny_gpt2(), byte_tokenizer(), hooks)
     state.unwritten.append(dpo.train_step(state))  # the first step may initialise lazily
-    package, reads = os.path.dirname(minidpo.__file__), []
+    package, reads, packing_reads = os.path.dirname(minidpo.__file__), [], []
+
+    def packing(frame):
+        while frame is not None and frame.f_code.co_name != "collate_packed":
+            frame = frame.f_back
+        return frame is not None
 
     def recorded(name):
         real = getattr(torch.Tensor, name)
@@ -386,8 +395,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
             frame = sys._getframe(1)
             if frame.f_code.co_filename.startswith(package):
                 caller = frame.f_back.f_code.co_name if frame.f_back else None
-                reads.append((name, frame.f_code.co_name) if name == "__bool__" else
-                             (name, frame.f_code.co_name, caller))
+                (packing_reads if packing(frame) else reads).append(
+                    (name, frame.f_code.co_name) if name == "__bool__" else (name, frame.f_code.co_name, caller))
             return real(self, *args, **kwargs)
         return read
 
@@ -396,7 +405,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     state.unwritten.append(dpo.train_step(state))
     state.unwritten.append(dpo.train_step(state))
     assert set(reads) <= ON_THE_HOST, reads
-    assert ("__int__", "first_logit", "collate") in reads  # the recorder sees the reads it should
+    # the recorder sees the reads it should: collate's, made inside collate_packed with prefix sharing
+    assert ("__int__", "first_logit", "collate") in (packing_reads if prefix_sharing else reads)
     reads.clear()
     dpo.read_back(state)  # the three rows' values come back in one read
     assert reads == [("tolist", "read_back", "test_a_training_step_reads_nothing_back_from_the_device")]
