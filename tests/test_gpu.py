@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import config, losses, toy_records
-from minidpo import dpo
+from minidpo import dpo, runs
 from minidpo.experiments import imdb
 from minidpo.models import byte_tokenizer, load_model, tiny_gpt2
 
@@ -96,14 +96,15 @@ def test_imdb_gpu_preset_runs_in_bf16_on_cuda_with_tiny_stand_ins(tmp_path):
     assert json.load(open(tmp_path / "summary.json"))["dtype"] == "bf16"
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
-def test_a_training_step_never_waits_for_the_gpu(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,prefix_sharing", [("adamw", False), ("rmsprop", False), ("adamw", True)])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, optimizer, prefix_sharing):
     # Oracle: CUDA's own sync detector, set to raise on any synchronising call (an item(), a copy to the host, a
     # pageable copy to the device) made while the steps between two logging steps run.
-    cfg = dpo.TrainConfig(out=str(tmp_path), batch_size=8, lr=1e-3, optimizer=optimizer, max_steps=4, eval_every=0,
-                          max_length=64, max_prompt_length=32, progress=False, log_every=100)
-    state = dpo.prepare_run(cfg, toy_records(32), [], tiny_gpt2(vocab_size=257, seed=0), byte_tokenizer(),
-                            dpo.RunHooks())
+    cfg = runs.RunConfig(out=str(tmp_path), batch_size=8, lr=1e-3, optimizer=optimizer, max_steps=4, eval_every=0,
+                         max_length=64, max_prompt_length=32, progress=False, log_every=100,
+                         prefix_sharing=prefix_sharing)
+    hooks = runs.RunSafety(cfg, resume_from=None) if prefix_sharing else dpo.RunHooks()
+    state = dpo.prepare_run(cfg, toy_records(32), [], tiny_gpt2(vocab_size=257, seed=0), byte_tokenizer(), hooks)
     state.unwritten.append(dpo.train_step(state))  # the first step initialises the optimizer's state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
