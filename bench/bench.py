@@ -1,7 +1,7 @@
 """Training-step throughput of minidpo vs TRL's DPOTrainer on the same workload, in one run.
 
     pip install -r bench/requirements.txt      # TRL: a benchmark dependency, not a project one
-    python bench/bench.py                      # the CPU workload: ~10 minutes on 2 cores
+    python bench/bench.py                      # the CPU workload: ~5 minutes on 2 cores (3 x 4 steps: ~8)
     python bench/bench.py --size gpu           # a Pythia-410m-sized config in bf16 on a GPU (bench/gpu_check.sh)
 
 Workload (fixed, seeded): a randomly initialised GPT-2 config with Pythia's activation (gelu_pytorch_tanh), the real
@@ -448,8 +448,9 @@ def datasheet_peak(args, device):
 def print_table(results, ceiling, args, cfg, device):
     """One row per implementation: the median over rounds of each round's mean step time (min–max beside it),
     pairs/s and tokens/s from it, MFU against the measured matmul ceiling (and the datasheet peak on a GPU), the
-    first logged loss (the same in every minidpo row; TRL's Trainer shuffles, so its first batch differs: the check
-    on one identical batch is printed above the table) and peak memory."""
+    first step's loss (its batch is the same in every row: minidpo's batch_order and the Trainer's sampler draw the
+    same permutation of seed 0, which the equal losses show; the check on one identical batch is printed above the
+    table) and peak memory."""
     import platform
 
     peak = datasheet_peak(args, device)
