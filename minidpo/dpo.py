@@ -20,6 +20,7 @@ reference log-prob cache) is minidpo/runs.py, which drives this same loop throug
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import json
@@ -529,8 +530,7 @@ def log_eval(run, progress):
         batch = run.hooks.batch(run, [run.eval_examples[i] for i in indices])
         reference_logps = None if run.eval_ref is None else (run.eval_ref[0][indices], run.eval_ref[1][indices])
         with run.autocast():
-            _, stats = dpo_batch_loss(run.policy, run.reference, batch, run.config, reference_logps,
-                                      run.hooks.forward)
+            _, stats = dpo_batch_loss(run.policy, run.reference, batch, run.config, reference_logps, run.hooks.forward)
         stats_and_counts.append((stats, len(indices)))
     run.policy.train()
     means = reduce_stats(stats_and_counts, run.world_size, run.device)  # (len(METRIC_KEYS),)
@@ -576,18 +576,18 @@ def bf16_autocast(device_type):
 
 def frozen_copy(model):
     """The reference model pi_ref: a copy of the initial policy, eval mode, no gradients, never DDP."""
-    reference = copy.deepcopy(model).eval()
-    return reference.requires_grad_(False)
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 def setup_distributed():
     """(rank, world_size, device); under torchrun (RANK, WORLD_SIZE set) a process group: nccl on GPU, gloo on CPU."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")  # and left at exit, its threads joined:
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return rank, world_size, device
 
 def all_reduce_sum(tensor, world_size):
