@@ -53,6 +53,8 @@ SIZES = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=256, prompt=64, response=64, pairs=8, dtype="fp32", threads=2),
     "gpu": dict(n_layer=24, n_head=16, n_embd=1024, prompt=256, response=256, pairs=8, dtype="bf16", threads=0),
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, prompt=16, response=16, pairs=4, dtype="fp32", threads=2),
+    # the CPU workload with HH-like prompts, three times the response: where prefix sharing saves the most
+    "cpu_long_prompt": dict(n_layer=4, n_head=4, n_embd=256, prompt=192, response=64, pairs=8, dtype="fp32", threads=2),
 }
 # minidpo's rows: the default step (one forward over chosen and rejected stacked), with the reference's log-probs
 # precomputed, with prefix sharing (one sequence per pair, minidpo.prefix_sharing), both, four separate forwards, and
