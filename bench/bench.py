@@ -344,6 +344,12 @@ def check_same_loss(size):
 
 
 CPU_TIMING = {"rounds": 2, "steps": 2, "warmup": 1}
+# glibc returns every freed block over 32 MB to the system and maps fresh, zero-filled pages for the next one: on a
+# CPU each step's vocabulary-sized tensors (logits, their gradients) then cost page faults, a kernel's zeroing of every
+# page, more for the implementation that allocates more of them. A GPU has no such cost (PyTorch caches its memory).
+# With this setting glibc never maps (mmap_max 0) nor trims (4 GB), so freed memory is reused as a caching allocator
+# would: --reuse-memory times the implementations' computation without the allocator's cost (docs/benchmark.md).
+REUSE_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
 GPU_TIMING = {"rounds": 3, "steps": 50, "warmup": 20}  # >= 3 steps after compilation, too
 
 
@@ -360,6 +366,8 @@ def main(argv=None):
                         help="the GPU's datasheet bf16 peak for the second MFU column (default: from its name)")
     parser.add_argument("--log_every", type=int, default=10,
                         help="both implementations read their metrics back every N steps (TRL's default logging_steps)")
+    parser.add_argument("--reuse-memory", action="store_true",
+                        help=f"workers keep freed memory for reuse (GLIBC_TUNABLES={REUSE_MEMORY}; see REUSE_MEMORY)")
     parser.add_argument("--profile", action="store_true",
                         help="after the table, a torch.profiler table of one step of each implementation")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -387,6 +395,8 @@ def main(argv=None):
             impls = [i for i in impls if not i.startswith("trl")]
     path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH")) if p)  # keep the caller's
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if args.reuse_memory:
+        env["GLIBC_TUNABLES"] = REUSE_MEMORY
 
     def child(*extra):
         out = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--warmup",
@@ -460,6 +470,7 @@ def print_table(results, ceiling, args, cfg, device):
           f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}  torch {torch.__version__}  threads "
           f"{cfg['threads'] or 'all'}  size {args.size}  {args.rounds} rounds x {args.steps} steps after "
           f"{args.warmup} warm-up  matmul ceiling {ceiling / 1e9:.1f} GFLOP/s"
+          + ("  memory reused (--reuse-memory)" if args.reuse_memory else "")
           + (f"  datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
     print(f"{'implementation':36s} {'pairs/s':>8s} {'tokens/s':>9s} {'s/step':>7s} {'min–max':>15s} {'MFU':>6s} "
           f"{'needed':>7s}" + (f" {'MFU/peak':>8s}" if peak else "") + f" {'1st loss':>9s} {'peak MB':>8s}")

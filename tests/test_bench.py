@@ -106,3 +106,20 @@ def test_workload_flops_count_the_lm_head_only_where_the_loss_needs_it():
     assert precomputed["needed_flops"] == 3 * 3 * (forward(10, 4) + forward(8, 2))
     assert live["flops"] == precomputed["flops"] * 4 / 3  # + the reference forward
     assert live["needed_flops"] == precomputed["needed_flops"] * 4 / 3
+
+
+def test_reuse_memory_sets_glibc_to_keep_freed_memory_in_every_worker(monkeypatch, capsys):
+    seen = []
+    row = {"step_s": 1.0, "first_loss": 0.7, "flops": 1e9, "needed_flops": 1e9, "tokens": 100, "peak_rss_mb": 1,
+           "ceiling": 1e10}
+
+    def fake_run(command, env, **kwargs):
+        seen.append(env.get("GLIBC_TUNABLES"))
+        return subprocess.CompletedProcess(command, 0, stdout="RESULT " + bench.json.dumps(row), stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "matmul_ceiling", lambda *args, **kwargs: 1e10)
+    bench.main(["--size", "tiny", "--rounds", "1", "--impl", "minidpo", "--reuse-memory"])
+    bench.main(["--size", "tiny", "--rounds", "1", "--impl", "minidpo"])
+    assert seen == [bench.REUSE_MEMORY, None]
+    assert "memory reused (--reuse-memory)" in capsys.readouterr().out
