@@ -135,13 +135,14 @@ def test_padding_for_compile_leaves_the_log_probs_alone(padding_side):
                for k in ("positions", "labels"))
 
 
-def test_a_compiled_run_is_the_same_training(tmp_path):
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_a_compiled_run_is_the_same_training(tmp_path, prefix_sharing):
     # The "eager" backend: dynamo captures the graphs (what recompiles) without generating code (CI has seconds).
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()  # reset() keeps them: an earlier test's graphs must not count
     plain = run(config(tmp_path, "plain", eval_every=2))
-    compiled = run(config(tmp_path, "compiled", eval_every=2, compile="eager"))
+    compiled = run(config(tmp_path, "compiled", eval_every=2, compile="eager", prefix_sharing=prefix_sharing))
     assert counters["stats"]["unique_graphs"] >= 1
     assert losses(compiled) == pytest.approx(losses(plain), abs=1e-5)
     assert_same_training(tiny_gpt2(seed=0), tmp_path / "plain" / "final", tmp_path / "compiled" / "final", lr=1e-3,
