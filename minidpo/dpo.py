@@ -99,7 +99,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) ... of y_l
     h_over_beta = chosen_logratios - rejected_logratios  # (B,) the margin in log-ratio units
     h = beta * h_over_beta  # (B,) = r_hat(y_w) - r_hat(y_l), the margin
-
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
     elif loss_type == "ipo":
@@ -185,7 +184,6 @@ def pad_sequences(sequences, pad_token_id, padding_side="right"):
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     T = max(len(ids) for ids, _ in sequences)
-
     def pad(values, fill):
         padding = [fill] * (T - len(values))
         return list(values) + padding if padding_side == "right" else padding + list(values)
@@ -197,40 +195,45 @@ def pad_sequences(sequences, pad_token_id, padding_side="right"):
 
 def collate(examples, pad_token_id, padding_side="right"):
     """tokenize_pair outputs -> chosen_/rejected_ input_ids, attention_mask, labels, each (B, T), one T for all, and
-    logits_from: the first position whose logits predict a response token (read here, on the host: batch_logps)."""
+    kept_positions, kept_labels: response_positions of chosen and rejected stacked, made here on the host."""
     sequences = [(ex[f"{k}_input_ids"], ex[f"{k}_labels"]) for k in ("chosen", "rejected") for ex in examples]
     input_ids, attention_mask, labels = pad_sequences(sequences, pad_token_id, padding_side)  # (2B, T) each
-    B, batch = len(examples), {"logits_from": first_logit(labels)}
+    B, batch = len(examples), dict(zip(("kept_positions", "kept_labels"), response_positions(labels)))  # (2B, K + 1)
     for k, part in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
         batch.update({f"{k}_input_ids": input_ids[part], f"{k}_attention_mask": attention_mask[part],
                       f"{k}_labels": labels[part]})
     return batch
 
-def first_logit(labels):
-    """The position before the earliest response token: earlier logits predict prompt tokens. (N, T) -> int."""
-    return max(int((labels != IGNORE_INDEX).to(torch.uint8).argmax(-1).min()) - 1, 0)
+def response_positions(labels):
+    """Each row's positions whose logits predict a response token, and those tokens, laid out as sequence_logps reads
+    them (the logits at positions[:, k] predict kept_labels[:, k + 1]). (N, T) -> (N, K + 1) each, K the most response
+    tokens of a row; a shorter row padded with position 0 and IGNORE_INDEX. A read back on a GPU: collate makes them."""
+    predicts = labels[:, 1:] != IGNORE_INDEX  # (N, T - 1): the logits at t predict the token at t + 1
+    order = predicts.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[:, :int(predicts.sum(-1).max())]
+    kept = predicts.gather(-1, order)  # (N, K): the predicting positions first, in order; False on padding
+    positions, tokens = torch.where(kept, order, 0), torch.where(kept, labels.gather(-1, order + 1), IGNORE_INDEX)
+    return F.pad(positions, (0, 1)), F.pad(tokens, (1, 0), value=IGNORE_INDEX)  # (N, K + 1) each
 
 def position_ids_from_mask(attention_mask):
     """Positions count real tokens only: a left-padded sequence starts at 0 like an unpadded one. (B, T) -> (B, T)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-def batch_logps(model, input_ids, attention_mask, labels, average=False, fast=False, start=None):
-    """log pi(y|x) of each padded sequence (N, T) -> (N,). lm_head is most of a small model's FLOPs: it runs only from
-    `start` on (default first_logit(labels); collate saves a device read), on positions gathered contiguous, as a
-    tensor (a slice of a frozen model's states goes through a batched matmul, ~1.4x slower on a CPU)."""
-    start = first_logit(labels) if start is None else start
-    keep = torch.arange(start, labels.shape[1], device=input_ids.device)  # (K,) positions whose logits are kept
+def batch_logps(model, input_ids, attention_mask, labels, average=False, fast=False, kept=None):
+    """log pi(y|x) of each padded sequence (N, T) -> (N,). lm_head is most of a small model's FLOPs: it runs only at
+    the positions that predict a response token, each row's own (kept: response_positions(labels), from collate)."""
+    positions, kept_labels = response_positions(labels) if kept is None else kept  # (N, K + 1) each
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(
-        attention_mask), use_cache=False, logits_to_keep=keep).logits  # (N, K, V)
+        attention_mask), use_cache=False, logits_to_keep=positions).logits  # (N, K + 1, V)
     # With fast, these logits are ours alone: the backward may write their gradient into their memory.
-    return sequence_logps(logits.float(), labels[:, start:], average=average, fast=fast, overwrite=fast)  # (N,)
+    return sequence_logps(logits.float(), kept_labels, average=average, fast=fast, overwrite=fast)  # (N,)
 
 def concatenated_forward(model, batch, average=False, fast=True):
     """log pi(y_w|x), log pi(y_l|x) from ONE forward over chosen and rejected stacked on the batch axis (one pass
     through the weights instead of two). Returns (chosen_logps, rejected_logps), each (B,)."""
     stacked = [torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])  # (2B, T)
                for key in ("input_ids", "attention_mask", "labels")]
-    logps = batch_logps(model, *stacked, average=average, fast=fast, start=batch.get("logits_from"))  # (2B,)
+    kept = (batch["kept_positions"], batch["kept_labels"]) if "kept_positions" in batch else None
+    logps = batch_logps(model, *stacked, average=average, fast=fast, kept=kept)  # (2B,)
     B = batch["chosen_input_ids"].shape[0]
     return logps[:B], logps[B:]
 
@@ -268,7 +271,6 @@ class TrainConfig:
     reference_free: bool = False  # take log pi_ref = 0 (no reference model at all)
     average_log_prob: bool = False  # per-token mean log-prob instead of the paper's sum
     rpo_alpha: float = 0.0  # weight of an added NLL of the chosen response (per-token mean); 0 is plain DPO
-    # tokens
     max_length: int = 512  # longest prompt + response, in tokens
     max_prompt_length: int = 256  # prompt tokens kept (from the end) when a pair is too long
     padding_side: str = "right"  # right | left; position ids make both give the same log-probs
@@ -560,9 +562,8 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 def disable_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    for dropout in (module for module in model.modules() if isinstance(module, torch.nn.Dropout)):
+        dropout.p = 0.0
 
 def uses_bf16(dtype, device_type):
     """The one rule for the whole package: bf16 autocast for dtype "bf16", or "auto" on a GPU; fp32 otherwise."""
@@ -602,8 +603,7 @@ def batch_order(num_records, batch_size, seed, epoch):
 
 def shard(indices, grad_accum, rank, world_size):
     """Split one global batch into grad_accum micro-batches, and each micro-batch across ranks."""
-    micro = len(indices) // grad_accum
-    per_rank = micro // world_size
+    micro, per_rank = len(indices) // grad_accum, len(indices) // grad_accum // world_size  # pairs in each
     return [indices[a * micro + rank * per_rank: a * micro + (rank + 1) * per_rank] for a in range(grad_accum)]
 
 def to_device(batch, device):  # to a GPU from pinned memory: the copy does not wait for the queued kernels

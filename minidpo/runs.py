@@ -203,8 +203,8 @@ def pad_to_multiple(batch, multiple, pad_token_id=0):
     import torch.nn.functional as F
     extra = -batch["chosen_input_ids"].shape[1] % multiple
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": dpo.IGNORE_INDEX}
-    return {key: F.pad(value, (0, extra), value=fill[key.split("_", 1)[1]]) if torch.is_tensor(value) else value
-            for key, value in batch.items()}  # logits_from is unchanged: the padding is on the right
+    return {key: F.pad(value, (0, extra), value=fill[key.split("_", 1)[1]]) if key.startswith(("chosen_", "rejected_"))
+            else value for key, value in batch.items()}  # kept_positions are unchanged: the padding is on the right
 
 
 # ---- the output folder ---------------------------------------------------------------------------

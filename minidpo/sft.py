@@ -59,7 +59,7 @@ def pad_sft(examples, pad_token_id):
 
 def sft_loss(model, ids, mask, labels, average=True):
     """Mean over the batch of -log pi(response | prompt), per token (average) or summed. Scalar.
-    The lean log-prob path of DPO: logits from the first response position on, backward in place."""
+    The lean log-prob path of DPO: logits only at the positions that predict response tokens, backward in place."""
     return -batch_logps(model, ids, mask, labels, average=average, fast=True).mean()
 
 

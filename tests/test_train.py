@@ -363,10 +363,11 @@ def test_logging_every_n_steps_logs_the_same_rows(tmp_path):
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__", "cpu", "numpy")
-# Reads of tensors that live on the host in every run: the batch order (a permutation drawn on the CPU), the first
-# logit position (collate reads it off the CPU labels it builds), and the fast log-softmax's backward testing
-# `unused.any()`, which it does only on a CPU (on a GPU it masks unconditionally).
-ON_THE_HOST = {("tolist", "batch_order", "train_step"), ("__int__", "first_logit", "collate"), ("__bool__", "backward")}
+# Reads of tensors that live on the host in every run: the batch order (a permutation drawn on the CPU), the longest
+# response (collate's response_positions read it off the CPU labels it builds), and the fast log-softmax's backward
+# testing `unused.any()`, which it does only on a CPU (on a GPU it masks unconditionally).
+ON_THE_HOST = {("tolist", "batch_order", "train_step"), ("__int__", "response_positions", "collate"),
+               ("__bool__", "backward")}
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])
@@ -406,7 +407,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     state.unwritten.append(dpo.train_step(state))
     assert set(reads) <= ON_THE_HOST, reads
     # the recorder sees the reads it should: collate's, made inside collate_packed with prefix sharing
-    assert ("__int__", "first_logit", "collate") in (packing_reads if prefix_sharing else reads)
+    assert ("__int__", "response_positions", "collate") in (packing_reads if prefix_sharing else reads)
     reads.clear()
     dpo.read_back(state)  # the three rows' values come back in one read
     assert reads == [("tolist", "read_back", "test_a_training_step_reads_nothing_back_from_the_device")]
