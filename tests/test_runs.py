@@ -245,3 +245,30 @@ def test_the_python_api_draws_the_training_plot(tmp_path):
     assert (tmp_path / "run" / "training.png").exists()
     from minidpo.plots import loss_at_start, run_settings
     assert run_settings(cfg.out)["loss_type"] == "ipo" and loss_at_start(run_settings(cfg.out)) == 1.0
+
+
+@pytest.mark.parametrize("signal_at", [None, 1])
+def test_under_ddp_the_ranks_agree_on_a_stop_only_at_logging_steps_and_saves(tmp_path, monkeypatch, signal_at):
+    # Oracle: the all-reduces of the stop flag that RunSafety.after_step makes (each a read back), recorded with one
+    # process posing as rank 1 of 2: with --log_every 3 and no save due, only at steps 3 and 6; a SIGTERM at step 1 is
+    # acted on at step 3, where the ranks agree. (tests/test_cli.py runs the real two ranks, with --log_every 1.)
+    from types import SimpleNamespace
+    cfg = runs.RunConfig(out=str(tmp_path), log_every=3, save_every=10, max_steps=6)
+    hooks = runs.RunSafety(cfg, resume_from=None)
+    hooks.save_every, hooks.signals = 10, SimpleNamespace(received=None)
+    run = SimpleNamespace(step=0, total_steps=6, world_size=2, master=False, device=torch.device("cpu"), config=cfg,
+                          unwritten=[])
+    agreed = []
+    monkeypatch.setattr(dpo, "all_reduce_sum", lambda flag, world_size: agreed.append(run.step) or flag)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    stopped_at = None
+    for step in range(1, 7):
+        run.step = step
+        if step == signal_at:
+            hooks.signals.received = signal.SIGTERM
+        try:
+            hooks.after_step(run)
+        except runs.TrainingStopped:
+            stopped_at = step
+            break
+    assert (agreed, stopped_at) == (([3, 6], None) if signal_at is None else ([3], 3))
