@@ -413,6 +413,12 @@ dpo.train(config, records, records[:4])
 """
 
 
+# A known, unfixed race: now and then rank 1 aborts at interpreter exit with this message after a run under torchrun
+# has finished and saved (seen in 3 of ~10 fresh-clone CI runs of 2026-12-03/04, here and in test_cli's SIGTERM test;
+# leaving the process group at exit did not stop it). The run's results are complete; the exit status is not.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_core_copied_alone_trains_on_one_process_and_under_torchrun(tmp_path, tiny_model_dir):
     """dpo.py in an empty folder, with only torch and transformers: train() loads the model from config.model,
     trains, logs and saves <out>/final; under torchrun with 2 ranks it logs what one process logs."""
@@ -423,8 +429,11 @@ def test_core_copied_alone_trains_on_one_process_and_under_torchrun(tmp_path, ti
                                                      "--nproc_per_node=2"]}
     rows = {}
     for name, launcher in launchers.items():
-        result = subprocess.run([*launcher, "run.py", tiny_model_dir, name], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)
+        for attempt in range(2):
+            result = subprocess.run([*launcher, "run.py", tiny_model_dir, name], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=300)
+            if TEARDOWN_ABORT not in result.stderr:
+                break  # else a rank aborted at exit, after the run (TEARDOWN_ABORT): once more
         assert result.returncode == 0, result.stderr[-4000:]
         assert (tmp_path / name / "final" / "config.json").exists()
         rows[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
